@@ -1,0 +1,105 @@
+"""Measuring sharpness of a trained model.
+
+The sharpness of the loss L at weights w, for a ball of radius rho, is
+
+    S_rho(w) = max_{||e||_2 <= rho} L(w + e) - L(w).
+
+`sharpness` estimates it batch by batch (m-sharpness, m = batch_size): the
+inner maximum is approached by `ascent_steps` normalized gradient-ascent
+steps, each projected back onto the ball; with one step, e = rho g / ||g||,
+the first-order solution SAM itself uses. The estimate is a lower bound of
+S_rho (the true maximum can only be higher).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_sam.model import validate_rho
+from keras_sam.perturbation import global_norm, l2_scale
+
+
+def sharpness(
+    model: keras.Model,
+    x,
+    y,
+    rho: float = 0.05,
+    batch_size: int = 128,
+    ascent_steps: int = 1,
+    sample_weight=None,
+) -> float:
+    """Mean over batches of max_{||e||_2 <= rho} L_B(w + e) - L_B(w).
+
+    Args:
+        model: a compiled `keras.Model` (a `SAMModel` or a plain model); L is
+            its compiled loss plus `model.losses`, in inference mode (no
+            dropout, BatchNorm with its moving statistics).
+        x, y: the data, NumPy arrays (or nested structures of them).
+        rho: radius of the L2 ball, a finite float >= 0.
+        batch_size: m, the number of examples in each batch.
+        ascent_steps: normalized ascent steps of length rho / ascent_steps
+            each, projected onto the ball; 1 gives SAM's e = rho g / ||g||.
+        sample_weight: optional per-example weights for the loss.
+
+    Returns:
+        The estimate, averaged over batches with weights equal to their sizes.
+        The model's weights are not changed.
+    """
+    import tensorflow as tf
+
+    rho = validate_rho(rho)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+            or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int; received {batch_size!r}.")
+    if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) \
+            or ascent_steps < 1:
+        raise ValueError(
+            "`ascent_steps` must be a positive int (1 is SAM's first-order "
+            f"step); received {ascent_steps!r}.")
+    if not model.compiled or model.loss is None:
+        raise ValueError(
+            "`model` must be compiled with a loss: sharpness is measured on "
+            "the compiled loss. Call `model.compile(loss=...)` first.")
+
+    variables = list(model.trainable_variables)
+
+    def loss_at(values, xb, yb, swb):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values)),
+                                  collect_losses=True):
+            y_pred = model(xb, training=False)
+            return model.compute_loss(xb, yb, y_pred, swb, training=False)
+
+    @tf.function(reduce_retracing=True)
+    def batch_sharpness(xb, yb, swb):
+        w = [tf.identity(v.value) for v in variables]
+        clean = loss_at(w, xb, yb, swb)
+        e = [tf.zeros_like(t) for t in w]
+        for _ in range(ascent_steps):
+            with tf.GradientTape() as tape:
+                point = [t + d for t, d in zip(w, e)]
+                tape.watch(point)
+                loss = loss_at(point, xb, yb, swb)
+            g = [tf.zeros_like(t) if gi is None else tf.convert_to_tensor(gi)
+                 for t, gi in zip(w, tape.gradient(loss, point))]
+            # Step of length rho / ascent_steps along g / ||g||, ...
+            step = l2_scale(global_norm(g), rho / ascent_steps)
+            e = [d + gi * tf.cast(step, gi.dtype) for d, gi in zip(e, g)]
+            # ... then back onto the ball ||e|| <= rho.
+            shrink = tf.minimum(1.0, l2_scale(global_norm(e), rho))
+            e = [d * tf.cast(shrink, d.dtype) for d in e]
+        perturbed = loss_at([t + d for t, d in zip(w, e)], xb, yb, swb)
+        return tf.cast(perturbed - clean, tf.float64)
+
+    n = len(keras.tree.flatten(x)[0])
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        xb = keras.tree.map_structure(lambda a: a[sl], x)
+        yb = keras.tree.map_structure(lambda a: a[sl], y)
+        swb = None if sample_weight is None else sample_weight[sl]
+        size = len(keras.tree.flatten(xb)[0])
+        total += float(batch_sharpness(xb, yb, swb)) * size
+        count += size
+    return total / max(count, 1) if count else float(np.nan)

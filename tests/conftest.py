@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Each test starts from the same seeds and the float32 policy."""
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+def tanh_mlp(n_in=5, n_hidden=7, n_out=3, l2=0.0, seed=0):
+    """Sequential(Dense(tanh, L2 on the kernel), Dense): tests/reference.py's
+    TanhMLP, with weights drawn from `seed`."""
+    keras.utils.set_random_seed(seed)
+    reg = keras.regularizers.L2(l2) if l2 else None
+    return keras.Sequential([
+        keras.Input((n_in,)),
+        keras.layers.Dense(n_hidden, activation="tanh",
+                           kernel_regularizer=reg,
+                           bias_initializer="random_normal"),
+        keras.layers.Dense(n_out, bias_initializer="random_normal"),
+    ])
+
+
+def regression_data(n=32, n_in=5, n_out=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in)).astype("float32")
+    y = rng.normal(size=(n, n_out)).astype("float32")
+    return x, y
+
+
+def weights64(model):
+    return [np.asarray(w, np.float64) for w in model.get_weights()]

@@ -1,0 +1,106 @@
+"""An independent NumPy float64 reference of the SAM step.
+
+Nothing here imports keras_sam or Keras: forward pass, backward pass and the
+optimizers are written out by hand from their textbook definitions (with
+Keras's conventions for momentum and Adam's bias correction), so the tests
+compare the library against arithmetic it does not share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class TanhMLP:
+    """out = tanh(x W1 + b1) W2 + b2; loss = mean((out - y)^2) + l2 * |W1|^2.
+
+    Parameters are the list [W1, b1, W2, b2] in float64, in the order of a
+    Keras `Sequential([Dense(h, "tanh", kernel_regularizer=L2(l2)),
+    Dense(k)])`'s `trainable_variables`.
+    """
+
+    def __init__(self, l2: float = 0.0):
+        self.l2 = l2
+
+    def loss(self, params, x, y) -> float:
+        w1, b1, w2, b2 = params
+        out = np.tanh(x @ w1 + b1) @ w2 + b2
+        return float(np.mean((out - y) ** 2) + self.l2 * np.sum(w1**2))
+
+    def grad(self, params, x, y) -> list[np.ndarray]:
+        w1, b1, w2, b2 = params
+        h = np.tanh(x @ w1 + b1)
+        out = h @ w2 + b2
+        d_out = 2.0 * (out - y) / out.size
+        d_z = (d_out @ w2.T) * (1.0 - h**2)
+        return [
+            x.T @ d_z + 2.0 * self.l2 * w1,
+            d_z.sum(axis=0),
+            h.T @ d_out,
+            d_out.sum(axis=0),
+        ]
+
+
+def sam_gradient(net, params, x, y, rho: float):
+    """(g_sam, sharpness): the gradient at w + rho g/||g|| and L(w+e) - L(w)."""
+    g = net.grad(params, x, y)
+    norm = np.sqrt(sum(np.sum(gi**2) for gi in g))
+    scale = rho / norm if norm > 0 else 0.0
+    perturbed = [p + scale * gi for p, gi in zip(params, g)]
+    sharpness = net.loss(perturbed, x, y) - net.loss(params, x, y)
+    return net.grad(perturbed, x, y), sharpness
+
+
+class SGD:
+    """w <- w + v, v <- momentum * v - lr * g (v = -lr * g without momentum)."""
+
+    def __init__(self, learning_rate: float, momentum: float = 0.0):
+        self.lr, self.momentum = learning_rate, momentum
+        self.velocity = None
+
+    def step(self, params, grads):
+        if self.velocity is None:
+            self.velocity = [np.zeros_like(p) for p in params]
+        self.velocity = [
+            self.momentum * v - self.lr * g
+            for v, g in zip(self.velocity, grads)
+        ]
+        return [p + v for p, v in zip(params, self.velocity)]
+
+
+class Adam:
+    """Adam with bias correction folded into the step size, as Keras does:
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)
+    """
+
+    def __init__(self, learning_rate: float, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7):
+        self.lr, self.b1, self.b2, self.eps = (
+            learning_rate, beta_1, beta_2, epsilon)
+        self.t, self.m, self.v = 0, None, None
+
+    def step(self, params, grads):
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+        self.t += 1
+        self.m = [self.b1 * m + (1 - self.b1) * g
+                  for m, g in zip(self.m, grads)]
+        self.v = [self.b2 * v + (1 - self.b2) * g**2
+                  for v, g in zip(self.v, grads)]
+        alpha = self.lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+        return [p - alpha * m / (np.sqrt(v) + self.eps)
+                for p, m, v in zip(params, self.m, self.v)]
+
+
+def sam_train(net, optimizer, params, batches, rho: float):
+    """Run SAM over `batches` [(x, y), ...]; returns (params, sharpnesses)."""
+    params = [np.asarray(p, np.float64) for p in params]
+    sharpnesses = []
+    for x, y in batches:
+        g_sam, sharpness = sam_gradient(net, params, x, y, rho)
+        params = optimizer.step(params, g_sam)
+        sharpnesses.append(sharpness)
+    return params, sharpnesses

@@ -1,0 +1,134 @@
+"""SAMModel steps against the NumPy float64 reference in tests/reference.py."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+import reference
+from conftest import regression_data, tanh_mlp, weights64
+
+OPTIMIZERS = {
+    "sgd": (lambda: keras.optimizers.SGD(0.1),
+            lambda: reference.SGD(0.1)),
+    "sgd_momentum": (lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+                     lambda: reference.SGD(0.1, momentum=0.9)),
+    "adam": (lambda: keras.optimizers.Adam(0.01),
+             lambda: reference.Adam(0.01)),
+}
+
+
+def _batches(steps):
+    return [regression_data(n=16, seed=10 + i) for i in range(steps)]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_matches_float64_reference(name, steps):
+    make_keras_opt, make_ref_opt = OPTIMIZERS[name]
+    rho, l2 = 0.1, 0.01
+    model = tanh_mlp(l2=l2)
+    start = weights64(model)
+    sam = keras_sam.SAMModel(model, rho=rho)
+    sam.compile(optimizer=make_keras_opt(), loss="mse")
+    batches = _batches(steps)
+    logs = [sam.train_on_batch(x, y, return_dict=True) for x, y in batches]
+
+    expected, sharpness = reference.sam_train(
+        reference.TanhMLP(l2=l2), make_ref_opt(),
+        start, [(x.astype(np.float64), y.astype(np.float64))
+                for x, y in batches], rho)
+    for got, want in zip(weights64(model), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The step moved the weights well beyond the tolerance.
+    assert max(np.max(np.abs(a - b)) for a, b in zip(expected, start)) > 1e-3
+    # Each step logs its own L(w + e) - L(w) (train_on_batch resets metrics).
+    np.testing.assert_allclose([log["sharpness"] for log in logs], sharpness,
+                               rtol=1e-4)
+
+
+def test_sam_differs_from_base_step():
+    """The second gradient is taken at w + e, not at w (an early TF port of
+    SAM took both at w, which silently reduced it to the base optimizer)."""
+    x, y = regression_data()
+    base, sam_inner = tanh_mlp(seed=3), tanh_mlp(seed=3)
+    base.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    sam = keras_sam.SAMModel(sam_inner, rho=0.5)
+    sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    base.train_on_batch(x, y)
+    sam.train_on_batch(x, y)
+    diff = max(np.max(np.abs(a - b)) for a, b in
+               zip(base.get_weights(), sam.get_weights()))
+    assert diff > 1e-4
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    lambda: keras.optimizers.RMSprop(0.01, clipnorm=0.5),
+])
+def test_rho_zero_is_the_base_optimizer_bit_for_bit(optimizer):
+    """rho = 0 gives the same weights, slots and logs as the plain model,
+    with Dropout and BatchNorm in the network."""
+    def make():
+        keras.utils.set_random_seed(7)
+        return keras.Sequential([
+            keras.Input((5,)),
+            keras.layers.Dense(16, activation="relu",
+                               kernel_regularizer=keras.regularizers.L2(1e-3)),
+            keras.layers.Dropout(0.3, seed=11),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3),
+        ])
+
+    x, y = regression_data(n=64)
+    base = make()
+    sam = keras_sam.SAMModel(make(), rho=0.0)
+    for m in (base, sam):
+        m.compile(optimizer=optimizer(), loss="mse", metrics=["mae"])
+    hb = base.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    hs = sam.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(base.get_weights(), sam.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(base.optimizer.variables, sam.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # BatchNorm statistics and the dropout seed moved once per step, as in
+    # the plain model.
+    assert len(sam.non_trainable_variables) == 3
+    for a, b in zip(base.non_trainable_variables,
+                    sam.non_trainable_variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert hb.history["loss"] == hs.history["loss"]
+    assert hb.history["mae"] == hs.history["mae"]
+    assert hs.history["sharpness"] == [0.0, 0.0, 0.0]
+
+
+def test_sharpness_log_is_perturbed_minus_clean_loss():
+    rho = 0.2
+    x, y = regression_data()
+    model = tanh_mlp(l2=0.05, seed=4)
+    w0 = [np.asarray(w) for w in model.get_weights()]
+    sam = keras_sam.SAMModel(model, rho=rho)
+    sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    logs = sam.train_on_batch(x, y, return_dict=True)
+
+    # By hand, with Keras alone: L(w) and L(w + rho g/||g||).
+    import tensorflow as tf
+    probe = tanh_mlp(l2=0.05, seed=4)
+    probe.set_weights(w0)
+    with tf.GradientTape() as tape:
+        clean = keras.losses.mean_squared_error(y, probe(x)).numpy().mean()
+        loss = tf.reduce_mean(keras.losses.mean_squared_error(y, probe(x)))
+        loss += tf.add_n(probe.losses)
+    grads = tape.gradient(loss, probe.trainable_variables)
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in grads))
+    clean_total = float(loss)
+    probe.set_weights([w + rho * g.numpy() / norm for w, g in zip(w0, grads)])
+    perturbed_total = float(
+        tf.reduce_mean(keras.losses.mean_squared_error(y, probe(x)))
+        + tf.add_n(probe.losses))
+    assert clean > 0
+    np.testing.assert_allclose(logs["loss"], clean_total, rtol=1e-6)
+    np.testing.assert_allclose(logs["sharpness"],
+                               perturbed_total - clean_total, rtol=1e-4)
+    assert logs["sharpness"] > 0
