@@ -56,19 +56,23 @@ def l2_scale(grad_norm, rho) -> "ops.Tensor":
     return ops.where(grad_norm > 0.0, rho / safe, ops.zeros_like(grad_norm))
 
 
-def sam_perturbation(grads: Sequence, rho) -> tuple[list, "ops.Tensor"]:
+def sam_perturbation(grads: Sequence, rho, grad_norm=None
+                     ) -> tuple[list, "ops.Tensor"]:
     """e(w) = rho * g / ||g||_2 for each gradient in `grads`.
 
     Args:
         grads: gradients of the loss at w, one tensor per perturbed variable
             (no `None` entries).
         rho: radius of the L2 ball, a float >= 0.
+        grad_norm: ||g||_2 when the caller already has it (a backend may
+            compute it with a fused kernel); `global_norm(grads)` otherwise.
 
     Returns:
         `(e, grad_norm)`: the perturbation of each variable, in each
         gradient's dtype, and ||g||_2 (float32). The norm is returned so that
         callers can check finiteness without another pass over the gradients.
     """
-    grad_norm = global_norm(grads)
+    if grad_norm is None:
+        grad_norm = global_norm(grads)
     scale = l2_scale(grad_norm, rho)
     return [g * ops.cast(scale, g.dtype) for g in grads], grad_norm

@@ -104,3 +104,88 @@ def sam_train(net, optimizer, params, batches, rho: float):
         params = optimizer.step(params, g_sam)
         sharpnesses.append(sharpness)
     return params, sharpnesses
+
+
+class WeightedTanhMLP(TanhMLP):
+    """TanhMLP with per-example weights s_i, reduced as Keras's default
+    "sum_over_batch_size": loss = sum_i s_i mean_j (out_ij - y_ij)^2 / n."""
+
+    def __init__(self, sample_weight, l2: float = 0.0):
+        super().__init__(l2)
+        self.s = np.asarray(sample_weight, np.float64)
+
+    def loss(self, params, x, y) -> float:
+        w1, b1, w2, b2 = params
+        out = np.tanh(x @ w1 + b1) @ w2 + b2
+        per_example = np.mean((out - y) ** 2, axis=1)
+        return float(np.sum(self.s * per_example) / len(x)
+                     + self.l2 * np.sum(w1**2))
+
+    def grad(self, params, x, y):
+        w1, b1, w2, b2 = params
+        h = np.tanh(x @ w1 + b1)
+        out = h @ w2 + b2
+        d_out = 2.0 * (out - y) * self.s[:, None] / out.size
+        d_z = (d_out @ w2.T) * (1.0 - h**2)
+        return [x.T @ d_z + 2.0 * self.l2 * w1, d_z.sum(axis=0),
+                h.T @ d_out, d_out.sum(axis=0)]
+
+
+class EmbeddingBag:
+    """out = mean_t E[tokens[:, t]] @ W + b; loss = mean((out - y)^2).
+
+    Parameters [E, W, b]. The gradient of E is dense here (a full table with
+    zero rows), built row by row with np.add.at, so repeated tokens add up.
+    """
+
+    def loss(self, params, tokens, y) -> float:
+        table, w, b = params
+        out = table[tokens].mean(axis=1) @ w + b
+        return float(np.mean((out - y) ** 2))
+
+    def grad(self, params, tokens, y):
+        table, w, b = params
+        pooled = table[tokens].mean(axis=1)
+        out = pooled @ w + b
+        d_out = 2.0 * (out - y) / out.size
+        d_pooled = d_out @ w.T
+        d_table = np.zeros_like(table)
+        steps = tokens.shape[1]
+        for t in range(steps):
+            np.add.at(d_table, tokens[:, t], d_pooled / steps)
+        return [d_table, pooled.T @ d_out, d_out.sum(axis=0)]
+
+
+def clip_by_norm(grads, clipnorm):
+    """Each gradient scaled to norm <= clipnorm on its own (Keras clipnorm)."""
+    return [g * min(1.0, clipnorm / max(np.sqrt(np.sum(g**2)), 1e-30))
+            for g in grads]
+
+
+def clip_by_global_norm(grads, clipnorm):
+    """All gradients scaled together to global norm <= clipnorm."""
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+    return [g * min(1.0, clipnorm / norm) for g in grads]
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, applied first: w <- w - lr wd w."""
+
+    def __init__(self, learning_rate, weight_decay, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.wd = weight_decay
+
+    def step(self, params, grads):
+        params = [p - self.lr * self.wd * p for p in params]
+        return super().step(params, grads)
+
+
+def sam_gradient_masked(net, params, x, y, rho, trainable):
+    """sam_gradient when only params[i] with trainable[i] are perturbed and
+    counted in ||g|| (frozen layers)."""
+    g = net.grad(params, x, y)
+    norm = np.sqrt(sum(np.sum(gi**2) for gi, t in zip(g, trainable) if t))
+    scale = rho / norm if norm > 0 else 0.0
+    perturbed = [p + scale * gi if t else p
+                 for p, gi, t in zip(params, g, trainable)]
+    return net.grad(perturbed, x, y)

@@ -62,7 +62,8 @@ def train_step(sam, data):
 
     # e(w) = rho * g / ||g||_2 over the variables that have a gradient.
     rows = [_rows(grads[i], densify=sam.jit_compile is True) for i in live]
-    eps, grad_norm = sam_perturbation([values for values, _ in rows], sam.rho)
+    values = [v for v, _ in rows]
+    eps, grad_norm = sam_perturbation(values, sam.rho, _global_norm(values))
     finite = _all_replicas(tf.math.is_finite(grad_norm))
 
     def perturbed_step():
@@ -122,6 +123,16 @@ def _forward(sam, x, y, sample_weight):
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
     return y_pred, loss
+
+
+def _global_norm(tensors) -> tf.Tensor:
+    """||g||_2 with TensorFlow's fused sum of squares (`tf.nn.l2_loss`, no
+    temporary g^2), accumulated in float32."""
+    if not tensors:
+        return tf.zeros((), tf.float32)
+    halves = [tf.nn.l2_loss(t if t.dtype == tf.float32
+                            else tf.cast(t, tf.float32)) for t in tensors]
+    return tf.sqrt(2.0 * tf.add_n(halves))
 
 
 def _all_replicas(flag: tf.Tensor) -> tf.Tensor:

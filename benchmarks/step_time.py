@@ -1,0 +1,247 @@
+"""Step time and memory of SAMModel against the base model and the floor.
+
+    python benchmarks/step_time.py            # full run, a few minutes
+    python benchmarks/step_time.py --quick    # fewer rounds
+
+Three variants of each model, all compiled with the same optimizer and loss:
+
+- base:  the plain Keras model, one gradient per step;
+- floor: two gradient evaluations in sequence and one optimizer update,
+         nothing else (what any SAM step must at least cost);
+- SAM:   keras_sam.SAMModel.
+
+Time: all variants of a model are built once and timed in alternating
+rounds in one process; each round times every variant over the same number
+of steps, and the figure is the median over rounds of the per-round ratio.
+
+Memory: each (model, variant) runs in a fresh process; after warm-up the peak
+resident set size is reset (Linux /proc/self/clear_refs) and the step's
+working memory is the peak over the timed steps minus the resident size
+before them. The table gives SAM's working memory minus the base model's,
+next to the size of the trainable weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_sam  # noqa: E402
+from keras_sam import _keras_compat  # noqa: E402
+
+
+class FloorModel(keras.Model):
+    """Two gradients of the same batch in sequence, one update: the least
+    work a SAM step can do.
+
+    The graph optimizer prunes a gradient whose value is never used and
+    merges two identical passes. So the second pass reads its input through
+    a multiplication by a runtime 1.0 that depends on one element of every
+    first-pass gradient: both passes run in full, one after the other, for
+    the price of a few scalar ops.
+    """
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self._one = tf.Variable(1.0, trainable=False)
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+
+        def gradient(x):
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                          sample_weight=sample_weight,
+                                          training=True)
+            return y_pred, loss, tape.gradient(loss, variables)
+
+        y_pred, loss, first = gradient(x)
+        self._loss_tracker.update_state(
+            _keras_compat.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(keras.tree.flatten(x)[0])[0])
+        tie = tf.add_n([tf.reshape(getattr(g, "values", g), [-1])[0]
+                        for g in first])
+        one = self._one + 0.0 * tie  # 1.0, known only after pass 1
+        _, _, second = gradient(keras.tree.map_structure(
+            lambda t: t * tf.cast(one, t.dtype), x))
+        self.optimizer.apply(second, variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+
+def mlp():
+    x = np.random.default_rng(0).normal(size=(256, 512)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 10, size=(256,))
+    model = keras.Sequential([
+        keras.Input((512,)),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+    return model, x, y
+
+
+def cnn():
+    x = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype(
+        "float32")
+    y = np.random.default_rng(1).integers(0, 10, size=(64,))
+    layers = [keras.Input((32, 32, 3))]
+    for filters, stride in ((32, 1), (64, 2), (64, 1), (128, 2)):
+        layers += [keras.layers.Conv2D(filters, 3, strides=stride,
+                                       padding="same", use_bias=False),
+                   keras.layers.BatchNormalization(),
+                   keras.layers.ReLU()]
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    return keras.Sequential(layers), x, y
+
+
+def transformer():
+    seq, dim, vocab = 64, 128, 2000
+    x = np.random.default_rng(0).integers(0, vocab, size=(32, seq))
+    y = np.random.default_rng(1).integers(0, 10, size=(32,))
+    inputs = keras.Input((seq,), dtype="int32")
+    h = keras.layers.Embedding(vocab, dim)(inputs)
+    for _ in range(2):
+        a = keras.layers.MultiHeadAttention(4, dim // 4)(h, h)
+        h = keras.layers.LayerNormalization()(h + a)
+        f = keras.layers.Dense(4 * dim, activation="gelu")(h)
+        h = keras.layers.LayerNormalization()(h + keras.layers.Dense(dim)(f))
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, outputs), x, y
+
+
+MODELS = {"MLP": mlp, "CNN+BatchNorm": cnn, "Transformer": transformer}
+VARIANTS = ("base", "floor", "SAM")
+
+
+def build(model_name: str, variant: str):
+    keras.utils.set_random_seed(0)
+    model, x, y = MODELS[model_name]()
+    wrapped = {"base": lambda m: m, "floor": FloorModel,
+               "SAM": lambda m: keras_sam.SAMModel(m, rho=0.05)}[variant](
+                   model)
+    wrapped.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    wrapped.make_train_function()
+    return wrapped, wrapped.train_function, iterator, model
+
+
+def run_steps(train_fn, iterator, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        logs = train_fn(iterator)
+    # Block until the last step has finished.
+    tf.nest.map_structure(lambda t: t.numpy(), logs)
+    return (time.perf_counter() - start) / steps
+
+
+def time_model(model_name: str, rounds: int, seconds: float) -> dict:
+    built = {v: build(model_name, v) for v in VARIANTS}
+    for _, fn, it, _ in built.values():
+        run_steps(fn, it, 3)  # trace and warm up
+    probe = run_steps(built["SAM"][1], built["SAM"][2], 5)
+    steps = max(5, int(seconds / probe))
+    per_round = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        for v in order:
+            per_round[v].append(run_steps(built[v][1], built[v][2], steps))
+    t = {v: np.array(per_round[v]) for v in VARIANTS}
+    return {
+        "base_ms": 1e3 * float(np.median(t["base"])),
+        "floor_ms": 1e3 * float(np.median(t["floor"])),
+        "sam_ms": 1e3 * float(np.median(t["SAM"])),
+        "sam_over_base": float(np.median(t["SAM"] / t["base"])),
+        "sam_over_floor": float(np.median(t["SAM"] / t["floor"])),
+        "steps_per_round": steps,
+    }
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(model_name: str, variant: str, steps: int) -> dict:
+    wrapped, fn, it, model = build(model_name, variant)
+    run_steps(fn, it, 5)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size (VmHWM)
+    before = _status_kb("VmRSS")
+    run_steps(fn, it, steps)
+    peak = _status_kb("VmHWM")
+    weights = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_weights)
+    return {"working_kb": peak - before, "weights_kb": weights / 1024}
+
+
+def memory_model(model_name: str, steps: int) -> dict:
+    out = {}
+    for variant in ("base", "SAM"):
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-child", model_name, variant,
+             "--steps", str(steps)],
+            capture_output=True, text=True, check=True)
+        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    return {
+        "weights_mb": out["SAM"]["weights_kb"] / 1024,
+        "overhead_mb": (out["SAM"]["working_kb"]
+                        - out["base"]["working_kb"]) / 1024,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL",
+                                                            "VARIANT"))
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child, args.steps)))
+        return None
+    rounds, seconds = (3, 0.5) if args.quick else (9, 1.5)
+
+    rows = []
+    for name in MODELS:
+        row = {"model": name, **time_model(name, rounds, seconds),
+               **memory_model(name, args.steps)}
+        rows.append(row)
+        print(f"measured {name}", file=sys.stderr)
+
+    print(f"\nTensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPU cores; median of {rounds} alternating "
+          "rounds\n")
+    print("| model | base ms/step | floor ms/step | SAM ms/step | SAM/base "
+          "| SAM/floor | SAM memory overhead | trainable weights |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['base_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['sam_ms']:.2f} | {r['sam_over_base']:.3f} | "
+              f"{r['sam_over_floor']:.3f} | {r['overhead_mb']:.1f} MB | "
+              f"{r['weights_mb']:.1f} MB |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
