@@ -14,11 +14,13 @@ Time: all variants of a model are built once and timed in alternating
 rounds in one process; each round times every variant over the same number
 of steps, and the figure is the median over rounds of the per-round ratio.
 
-Memory: each (model, variant) runs in a fresh process; after warm-up the peak
-resident set size is reset (Linux /proc/self/clear_refs) and the step's
-working memory is the peak over the timed steps minus the resident size
-before them. The table gives SAM's working memory minus the base model's,
-next to the size of the trainable weights.
+Memory: each (model, variant) runs in a fresh process with TensorFlow's BFC
+allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC=true), which counts every
+tensor it hands out. After warm-up its peak is reset; a step's working memory
+is the peak over the timed steps minus what was allocated before them
+(weights, optimizer slots). The table gives SAM's working memory minus the
+base model's and minus the floor's, next to the size of the trainable
+weights.
 """
 
 from __future__ import annotations
@@ -175,38 +177,34 @@ def time_model(model_name: str, rounds: int, seconds: float) -> dict:
     }
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(model_name: str, variant: str, steps: int) -> dict:
     wrapped, fn, it, model = build(model_name, variant)
     run_steps(fn, it, 5)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM)
-    before = _status_kb("VmRSS")
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     run_steps(fn, it, steps)
-    peak = _status_kb("VmHWM")
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     weights = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_weights)
-    return {"working_kb": peak - before, "weights_kb": weights / 1024}
+    return {"working_bytes": peak - before, "weights_bytes": weights}
 
 
 def memory_model(model_name: str, steps: int) -> dict:
     out = {}
-    for variant in ("base", "SAM"):
+    for variant in VARIANTS:
         res = subprocess.run(
             [sys.executable, __file__, "--memory-child", model_name, variant,
              "--steps", str(steps)],
-            capture_output=True, text=True, check=True)
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    mb = 1024.0 ** 2
     return {
-        "weights_mb": out["SAM"]["weights_kb"] / 1024,
-        "overhead_mb": (out["SAM"]["working_kb"]
-                        - out["base"]["working_kb"]) / 1024,
+        "weights_mb": out["SAM"]["weights_bytes"] / mb,
+        "base_working_mb": out["base"]["working_bytes"] / mb,
+        "overhead_mb": (out["SAM"]["working_bytes"]
+                        - out["base"]["working_bytes"]) / mb,
+        "over_floor_mb": (out["SAM"]["working_bytes"]
+                          - out["floor"]["working_bytes"]) / mb,
     }
 
 
@@ -233,13 +231,15 @@ def main(argv=None):
           f"{os.cpu_count()} CPU cores; median of {rounds} alternating "
           "rounds\n")
     print("| model | base ms/step | floor ms/step | SAM ms/step | SAM/base "
-          "| SAM/floor | SAM memory overhead | trainable weights |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| SAM/floor | base step memory | SAM - base memory "
+          "| SAM - floor memory | trainable weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['base_ms']:.2f} | {r['floor_ms']:.2f} | "
               f"{r['sam_ms']:.2f} | {r['sam_over_base']:.3f} | "
-              f"{r['sam_over_floor']:.3f} | {r['overhead_mb']:.1f} MB | "
-              f"{r['weights_mb']:.1f} MB |")
+              f"{r['sam_over_floor']:.3f} | {r['base_working_mb']:.1f} MB | "
+              f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB | "
+              f"{r['weights_mb']:.2f} MB |")
     return rows
 
 

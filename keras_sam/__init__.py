@@ -7,7 +7,11 @@
 
 from keras_sam.model import SAMModel
 from keras_sam.perturbation import global_norm, sam_perturbation
+from keras_sam.saving import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["SAMModel", "global_norm", "sam_perturbation", "__version__"]
+__all__ = [
+    "SAMModel", "global_norm", "load_model", "sam_perturbation",
+    "__version__",
+]

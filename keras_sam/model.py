@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import numbers
 from typing import Any
 
 import keras
 
 from keras_sam import backend as sam_backend
+from keras_sam import saving
 
 
 def validate_rho(rho: Any) -> float:
@@ -113,6 +115,37 @@ class SAMModel(keras.Model):
         # Sharpness is measured while training; evaluation does not move it.
         logs.pop(self._sharpness_tracker.name, None)
         return logs
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Saves the SAM model (wrapped model, `rho`, optimizer state) as a
+        `.keras` file, to resume training. `keras.saving.load_model` reads it
+        back once keras_sam is imported. To deploy, save the plain model
+        instead: `sam_model.model.save("model.keras")`; to serve,
+        `sam_model.export(dirpath)`."""
+        saving.check_save_path(filepath)
+        return super().save(filepath, overwrite=overwrite, zipped=zipped,
+                            **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None,
+               input_signature=None, **kwargs):
+        """Exports the wrapped model for inference (a SavedModel by default).
+
+        SAM changes training only, so the artifact is the wrapped model's
+        and its outputs equal `sam_model.predict`; serving it needs neither
+        keras_sam nor this class.
+        """
+        return self.model.export(filepath, format=format, verbose=verbose,
+                                 input_signature=input_signature, **kwargs)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        try:
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch,
+                                        **kwargs)
+        except ValueError as error:
+            if not os.path.exists(filepath):
+                raise
+            raise ValueError(saving.describe_weight_mismatch(
+                self, filepath, error)) from error
 
     def get_config(self) -> dict:
         return {
