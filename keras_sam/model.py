@@ -64,6 +64,13 @@ class SAMModel(keras.Model):
         rho: radius of the L2 ball, a finite float >= 0. The paper uses 0.05
             (CIFAR-10, ImageNet) and 0.1 (CIFAR-100), searching
             {0.01, 0.02, 0.05, 0.1, 0.2, 0.5}.
+        sync_perturbation: under a `tf.distribute` strategy with several
+            replicas, False (the default, as in the paper) computes e on each
+            replica from its own shard of the batch (m-sharpness with m = the
+            per-replica batch) and averages the resulting g_sam; True
+            all-reduces the pass-1 gradient first, so every replica uses the
+            e of the whole batch (full-batch SAM, one more all-reduce per
+            step). No effect on one replica.
         **kwargs: passed to `keras.Model` (`name`, ...).
 
     Example:
@@ -76,7 +83,8 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model: keras.Model, rho: float = 0.05, **kwargs):
+    def __init__(self, model: keras.Model, rho: float = 0.05,
+                 sync_perturbation: bool = False, **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(
                 "`model` must be a `keras.Model` (Sequential, functional or "
@@ -85,10 +93,16 @@ class SAMModel(keras.Model):
                 "`keras.Sequential([layer])`."
             )
         rho = validate_rho(rho)
+        if not isinstance(sync_perturbation, bool):
+            raise TypeError(
+                "`sync_perturbation` must be True or False; received "
+                f"{sync_perturbation!r} of type "
+                f"{type(sync_perturbation).__name__}.")
         self._sam_train_step = sam_backend.get_train_step()
         super().__init__(**kwargs)
         self.model = model
         self._rho = rho
+        self._sync_perturbation = sync_perturbation
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
         if model.built:
             self.built = True
@@ -97,6 +111,11 @@ class SAMModel(keras.Model):
     def rho(self) -> float:
         """Radius of the perturbation ball."""
         return self._rho
+
+    @property
+    def sync_perturbation(self) -> bool:
+        """Whether replicas share the e of the whole batch."""
+        return self._sync_perturbation
 
     def build(self, input_shape=None):
         # The wrapped model builds itself on its first call, as it would
@@ -153,6 +172,7 @@ class SAMModel(keras.Model):
             "trainable": self.trainable,
             "model": keras.saving.serialize_keras_object(self.model),
             "rho": self._rho,
+            "sync_perturbation": self._sync_perturbation,
         }
 
     @classmethod

@@ -60,13 +60,20 @@ def train_step(sam, data):
     live = [i for i, g in enumerate(grads) if g is not None]
     live_variables = [variables[i] for i in live]
 
-    # e(w) = rho * g / ||g||_2 over the variables that have a gradient.
-    rows = [_rows(grads[i], densify=sam.jit_compile is True) for i in live]
+    # e(w) = rho * g / ||g||_2 over the variables that have a gradient:
+    # from this replica's shard, or from the whole batch when synchronized.
+    ascent = [grads[i] for i in live]
+    if sam.sync_perturbation:
+        ascent = _sum_over_replicas(ascent)
+    rows = [_rows(g, densify=sam.jit_compile is True) for g in ascent]
     values = [v for v, _ in rows]
     eps, grad_norm = sam_perturbation(values, sam.rho, _global_norm(values))
     finite = _all_replicas(tf.math.is_finite(grad_norm))
 
-    def perturbed_step():
+    is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def second_pass():
+        """(L(w + e), g_sam): pass 2 at w + e, from the state pass 1 saw."""
         # Climb to w + e(w): one tensor per variable; the variables keep w.
         perturbed = [tf.identity(v.value) for v in variables]
         for i, (_, indices), e in zip(live, rows, eps):
@@ -77,8 +84,6 @@ def train_step(sam, data):
             else:
                 perturbed[i] = tf.tensor_scatter_nd_add(w, indices[:, None], e)
         watched = [perturbed[i] for i in live]
-
-        # Pass 2 at w + e, from the state pass 1 started from.
         mapping = list(zip(variables, perturbed))
         mapping += list(zip(state_variables, state_before))
         with tf.GradientTape() as tape:
@@ -88,20 +93,42 @@ def train_step(sam, data):
                 _, perturbed_loss = _forward(sam, x, y, sample_weight)
                 scaled = optimizer.scale_loss(perturbed_loss)
         sam_grads = tape.gradient(scaled, watched)
+        if is_lso:
+            sam_grads = _agree_on_overflow(sam_grads)
+        return ops.cast(perturbed_loss, "float32"), sam_grads
 
+    def apply(sam_grads):
         # w <- optimizer(w, g_sam), at the original w.
         pairs = [(g, v) for g, v in zip(sam_grads, live_variables)
                  if g is not None]
         optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
-        return ops.cast(perturbed_loss, "float32")
 
-    def skipped_step():
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # Hand the overflowed gradient over: the loss scale drops.
-            optimizer.apply([grads[i] for i in live], live_variables)
-        return tf.constant(float("nan"))
+    if _needs_merge_call():
+        # The update cannot sit inside a conditional in replica context
+        # (MirroredStrategy synchronizes through `merge_call`): pass 2 always
+        # runs, and the skip is decided in cross-replica context.
+        perturbed_loss, sam_grads = second_pass()
+        if is_lso:
+            apply(_scale_first(sam_grads, tf.where(finite, 1.0, float("nan"))))
+        else:
+            _apply_if(finite, apply, sam_grads)
+    else:
+        def perturbed_step():
+            perturbed_loss, sam_grads = second_pass()
+            apply(sam_grads)
+            return perturbed_loss
 
-    perturbed_loss = tf.cond(finite, perturbed_step, skipped_step)
+        def skipped_step():
+            if is_lso:
+                # Hand over a gradient marked non-finite on every replica
+                # (some may have overflowed alone): the step is skipped
+                # everywhere and the loss scale drops.
+                apply(_scale_first([grads[i] for i in live], float("nan")))
+            return tf.constant(float("nan"))
+
+        # Pass 2 and the update share one branch, so the update compiles
+        # exactly as in Keras's own train_step.
+        perturbed_loss = tf.cond(finite, perturbed_step, skipped_step)
 
     # sharpness = L(w + e) - L(w), first order, from the two passes.
     sharpness = _keras_compat.unscale_loss_for_distribution(
@@ -135,6 +162,31 @@ def _global_norm(tensors) -> tf.Tensor:
     return tf.sqrt(2.0 * tf.add_n(halves))
 
 
+def _needs_merge_call() -> bool:
+    """Whether the strategy synchronizes updates through `merge_call`."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return False
+    return not tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def _apply_if(flag, apply, grads) -> None:
+    """`apply(grads)` on every replica when `flag` (equal on all replicas)
+    holds, decided in cross-replica context as the strategy requires."""
+
+    def cross_replica(strategy, flag, grads):
+        decision = strategy.experimental_local_results(flag)[0]
+        tf.cond(
+            decision,
+            lambda: strategy.extended.call_for_each_replica(
+                apply, args=(grads,)),
+            lambda: None,
+        )
+
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(flag, grads))
+
+
 def _all_replicas(flag: tf.Tensor) -> tf.Tensor:
     """True only where `flag` is true on every replica.
 
@@ -144,9 +196,63 @@ def _all_replicas(flag: tf.Tensor) -> tf.Tensor:
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return flag
-    votes = ctx.all_reduce(tf.distribute.ReduceOp.MIN,
-                           tf.cast(flag, tf.float32))
-    return votes > 0.5
+    dissent = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                             1.0 - tf.cast(flag, tf.float32))
+    return dissent < 0.5
+
+
+def _sum_over_replicas(grads):
+    """All-reduce (SUM) of per-replica gradients: Keras already divides each
+    replica's loss by the replica count, so the sum is the full-batch
+    gradient. A no-op outside a multi-replica strategy."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return grads
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+
+def _agree_on_overflow(grads):
+    """Make an overflow on any replica visible to the LossScaleOptimizer on
+    every replica.
+
+    Keras's LossScaleOptimizer decides per replica (or, on strategies that
+    need `merge_call`, from replica 0 alone) whether the gradient overflowed;
+    an overflow on another replica would then reach the all-reduced update.
+    Here a NaN is planted in the first gradient of every replica when any
+    replica overflowed, so all of them skip the step together. Multiplying
+    by 1.0 otherwise leaves the gradient bit for bit as it was.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return grads
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    ok = _all_replicas(_all_finite(present))
+    return _scale_first(grads, tf.where(ok, 1.0, float("nan")))
+
+
+def _scale_first(grads, factor):
+    """`grads` with its first gradient multiplied by the scalar `factor`."""
+    grads = list(grads)
+    first = next(i for i, g in enumerate(grads) if g is not None)
+    g = grads[first]
+    if isinstance(g, tf.IndexedSlices):
+        grads[first] = tf.IndexedSlices(
+            g.values * tf.cast(factor, g.values.dtype), g.indices,
+            g.dense_shape)
+    else:
+        grads[first] = g * tf.cast(factor, g.dtype)
+    return grads
+
+
+def _all_finite(grads) -> tf.Tensor:
+    checks = [
+        tf.reduce_all(tf.math.is_finite(
+            g.values if isinstance(g, tf.IndexedSlices) else g))
+        for g in grads
+    ]
+    return tf.reduce_all(tf.stack(checks))
 
 
 def _rows(grad, densify: bool):
