@@ -39,3 +39,55 @@ def ensure_built(model, data) -> None:
     if built and model.optimizer.built:
         return
     model._symbolic_build(data_batch=data)
+
+
+def symbolic_build_from_local_batch(model, iterator=None, data_batch=None):
+    """Keras's `_maybe_symbolic_build`, without a cross-worker reduce.
+
+    Workaround for keras-team/keras issue 20585: under
+    `MultiWorkerMirroredStrategy`, Keras 3 (checked up to 3.15) builds the
+    model from the MEAN over replicas of the first batch, a cross-worker
+    `strategy.reduce` of the data itself that fails with "Attempt to convert
+    a value (PerReplica ...) ... to a Tensor", so `fit` fails for every model.
+    Building needs only shapes and dtypes, which the local replica's shard
+    has. tests/test_multi_worker.py tells when Keras no longer needs this.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    strategy = model._distribute_strategy
+    if strategy is None:
+        return  # Keras builds in the first traced step, as it does itself.
+    if iterator is not None:
+        for _, _, it in iterator:
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                next(it))
+            break
+    with strategy.scope():
+        model._symbolic_build(data_batch=data_batch)
+
+
+def logs_for_multi_worker(model, logs):
+    """Step logs in the shape Keras's multi-worker reduction expects.
+
+    Workaround for keras-team/keras issue 20585, second part: under
+    `MultiWorkerMirroredStrategy` Keras 3 reduces the step's logs with
+    `strategy.reduce("MEAN", value, axis=0)`, which rejects the scalar logs
+    every step returns ("Invalid reduction dimension 0 for input with 0
+    dimensions"). Each scalar becomes a 1-element vector, which that
+    reduction averages over the replicas back into a scalar. Elsewhere the
+    logs pass through unchanged.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    strategy = model._distribute_strategy
+    in_multi_worker = getattr(getattr(strategy, "extended", None),
+                              "_in_multi_worker_mode", lambda: False)
+    if strategy is None or not in_multi_worker():
+        return logs
+    return tree.map_structure(
+        lambda t: tf.reshape(t, [1]) if tf.is_tensor(t) and t.shape.rank == 0
+        else t, logs)

@@ -9,6 +9,7 @@ from typing import Any
 
 import keras
 
+from keras_sam import _keras_compat
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 
@@ -127,13 +128,19 @@ class SAMModel(keras.Model):
         return self.model(inputs, training=training)
 
     def train_step(self, data):
-        return self._sam_train_step(self, data)
+        logs = self._sam_train_step(self, data)
+        return _keras_compat.logs_for_multi_worker(self, logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # keras-team/keras issue 20585: see _keras_compat.
+        _keras_compat.symbolic_build_from_local_batch(self, iterator,
+                                                      data_batch)
 
     def test_step(self, data):
         logs = super().test_step(data)
         # Sharpness is measured while training; evaluation does not move it.
         logs.pop(self._sharpness_tracker.name, None)
-        return logs
+        return _keras_compat.logs_for_multi_worker(self, logs)
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
         """Saves the SAM model (wrapped model, `rho`, optimizer state) as a
