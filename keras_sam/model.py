@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import numbers
+import os
 from typing import Any
 
 import keras
@@ -53,10 +53,10 @@ class SAMModel(keras.Model):
     wrapped model would report at the same weights) and `sharpness`,
     L(w + e) - L(w), the first-order sharpness of the batch.
 
-    A step whose gradient is not finite is skipped: the weights and the
-    optimizer state stay untouched (a `LossScaleOptimizer` also lowers its
-    loss scale). With `rho=0` training is bit for bit that of the base
-    optimizer.
+    A step whose pass-1 gradient is not finite is skipped: the weights and
+    the optimizer state stay untouched. With loss scaling, an overflow in
+    either pass skips the step and lowers the scale. With `rho=0` training
+    is bit for bit that of the base optimizer.
 
     Args:
         model: the `keras.Model` to train. Its layers and variables are

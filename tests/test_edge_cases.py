@@ -27,6 +27,12 @@ def test_bad_rho_is_rejected_at_construction(rho, error):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_sync_perturbation_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="sync_perturbation"):
+        keras_sam.SAMModel(tanh_mlp(), sync_perturbation=value)
+
+
 @pytest.mark.parametrize("rho", [0, 0.05, np.float32(0.1), np.int64(1)])
 def test_rho_accepts_real_numbers(rho):
     sam = keras_sam.SAMModel(tanh_mlp(), rho=rho)

@@ -18,3 +18,20 @@ def test_mnist1d_example_runs_and_reports_both_optimizers():
         run = results[name][0]
         assert run["test_acc"] > 0.2  # ten classes: well above chance
         assert run["sharpness"] > 0
+
+
+def test_distributed_example_runs_on_two_logical_devices():
+    import os
+    import subprocess
+    import sys
+    script = EXAMPLE.with_name("distributed.py")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join(
+               filter(None, [str(EXAMPLE.parents[1]),
+                             os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(script), "--epochs", "1"],
+                         capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MirroredStrategy, 2 replicas" in out.stdout
+    assert "| True | whole batch |" in out.stdout

@@ -67,13 +67,14 @@ def train_step(sam, data):
         ascent = _sum_over_replicas(ascent)
     rows = [_rows(g, densify=sam.jit_compile is True) for g in ascent]
     values = [v for v, _ in rows]
-    eps, grad_norm = sam_perturbation(values, sam.rho, _global_norm(values))
+    grad_norm = _global_norm(values)
     finite = _all_replicas(tf.math.is_finite(grad_norm))
 
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def second_pass():
         """(L(w + e), g_sam): pass 2 at w + e, from the state pass 1 saw."""
+        eps, _ = sam_perturbation(values, sam.rho, grad_norm)
         # Climb to w + e(w): one tensor per variable; the variables keep w.
         perturbed = [tf.identity(v.value) for v in variables]
         for i, (_, indices), e in zip(live, rows, eps):

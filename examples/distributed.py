@@ -1,0 +1,141 @@
+"""SAM on several devices and several machines, with tf.distribute.
+
+    python examples/distributed.py                  # 2 devices, one process
+    python examples/distributed.py --workers 2      # 2 local worker processes
+
+Several devices: MirroredStrategy over the GPUs, or, without GPUs, over the
+CPU split into `--devices` logical devices. Several machines:
+MultiWorkerMirroredStrategy; `--workers N` starts N worker processes on this
+machine with TF_CONFIG set for 127.0.0.1. On a real cluster set TF_CONFIG on
+each machine yourself and run `python examples/distributed.py --multi-worker`
+on every one of them.
+
+Each run trains the same network twice, with `sync_perturbation=False` (each
+replica perturbs with the e of its own shard: m-sharpness, the paper's
+setting) and `sync_perturbation=True` (one e from the whole batch), and
+prints test accuracy and final sharpness for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_strategy(args):
+    if args.multi_worker:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= 2:
+        return tf.distribute.MirroredStrategy()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * args.devices)
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(args.devices)])
+
+
+def train(strategy, data, sync, args):
+    import keras
+
+    import keras_sam
+    from keras_sam.analysis import sharpness
+    from mnist1d_sam import make_model
+
+    (x_train, y_train), (x_test, y_test) = data
+    batch = args.batch_size  # global batch, split over the replicas
+    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)) \
+        .shuffle(4000, seed=0).batch(batch)
+    test_ds = tf.data.Dataset.from_tensor_slices((x_test, y_test)) \
+        .batch(batch)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        sam = keras_sam.SAMModel(make_model(x_train.shape[1:]),
+                                 rho=args.rho, sync_perturbation=sync)
+        sam.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                    loss=keras.losses.SparseCategoricalCrossentropy(
+                        from_logits=True),
+                    metrics=["accuracy"])
+    start = time.perf_counter()
+    sam.fit(train_ds, epochs=args.epochs, verbose=args.verbose)
+    seconds = time.perf_counter() - start
+    _, test_acc = sam.evaluate(test_ds, verbose=0)
+    sharp = sharpness(sam, x_train, y_train, rho=args.rho,
+                      batch_size=batch)
+    return {"test_acc": test_acc, "sharpness": sharp, "seconds": seconds}
+
+
+def launch_local_workers(n, args):
+    """Run this script as n workers of one cluster on 127.0.0.1."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}"
+                          for s in sockets]}
+    for s in sockets:
+        s.close()
+    passed = ["--epochs", str(args.epochs), "--batch-size",
+              str(args.batch_size), "--rho", str(args.rho), "--verbose",
+              str(args.verbose)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--multi-worker",
+             *passed],
+            env={**os.environ, "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker",
+                                              "index": i}})})
+        for i in range(n)
+    ]
+    return max(p.wait() for p in procs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=2,
+                        help="logical CPU devices when there are no GPUs")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="start this many local worker processes")
+    parser.add_argument("--multi-worker", action="store_true",
+                        help="run as one worker of the cluster in TF_CONFIG")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.workers > 1:
+        return launch_local_workers(args.workers, args)
+
+    from mnist1d_sam import load_mnist1d
+
+    strategy = make_strategy(args)
+    data = load_mnist1d()
+    results = {sync: train(strategy, data, sync, args)
+               for sync in (False, True)}
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    if task.get("index", 0) != 0:
+        return 0  # one worker reports
+    print(f"\n{type(strategy).__name__}, {strategy.num_replicas_in_sync} "
+          f"replicas, global batch {args.batch_size}, {args.epochs} epochs")
+    print("| sync_perturbation | e from | test acc | sharpness | time |")
+    print("|---|---|---|---|---|")
+    for sync, r in results.items():
+        source = "whole batch" if sync else "each replica's shard"
+        print(f"| {sync} | {source} | {r['test_acc']:.4f} | "
+              f"{r['sharpness']:.4f} | {r['seconds']:.0f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
