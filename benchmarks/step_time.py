@@ -16,8 +16,8 @@ of steps, and the figure is the median over rounds of the per-round ratio.
 
 Memory: each (model, variant) runs in a fresh process with TensorFlow's BFC
 allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC=true), which counts every
-tensor it hands out, and one op at a time (inter-op parallelism 1), so that
-the peak is reproducible. After warm-up its peak is reset; a step's working memory
+tensor it hands out, and one op at a time on one thread, so that the peak
+is reproducible. After warm-up its peak is reset; a step's working memory
 is the peak over the timed steps minus what was allocated before them
 (weights, optimizer slots). The table gives SAM's working memory minus the
 base model's and minus the floor's, next to the size of the trainable
@@ -179,9 +179,10 @@ def time_model(model_name: str, rounds: int, seconds: float) -> dict:
 
 
 def memory_child(model_name: str, variant: str, steps: int) -> dict:
-    # One op at a time: the allocator's peak then does not depend on how
-    # the executor happened to interleave independent ops.
+    # One op at a time on one thread: the allocator's peak then does not
+    # depend on how the executor happened to interleave independent ops.
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
     wrapped, fn, it, model = build(model_name, variant)
     run_steps(fn, it, 5)
     tf.config.experimental.reset_memory_stats("CPU:0")
@@ -218,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL",
                                                             "VARIANT"))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="skip the timing rounds")
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args.steps)))
@@ -226,8 +229,9 @@ def main(argv=None):
 
     rows = []
     for name in MODELS:
-        row = {"model": name, **time_model(name, rounds, seconds),
-               **memory_model(name, args.steps)}
+        timing = {} if args.memory_only else time_model(name, rounds,
+                                                         seconds)
+        row = {"model": name, **timing, **memory_model(name, args.steps)}
         rows.append(row)
         print(f"measured {name}", file=sys.stderr)
 
@@ -239,6 +243,10 @@ def main(argv=None):
           "| SAM - floor memory | trainable weights |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if args.memory_only:
+            r.update(dict.fromkeys(("base_ms", "floor_ms", "sam_ms",
+                                    "sam_over_base", "sam_over_floor"),
+                                   float("nan")))
         print(f"| {r['model']} | {r['base_ms']:.2f} | {r['floor_ms']:.2f} | "
               f"{r['sam_ms']:.2f} | {r['sam_over_base']:.3f} | "
               f"{r['sam_over_floor']:.3f} | {r['base_working_mb']:.1f} MB | "

@@ -41,6 +41,19 @@ def tanh_mlp(n_in=5, n_hidden=7, n_out=3, l2=0.0, seed=0):
     ])
 
 
+def bn_mlp(seed=0, dropout=False):
+    """Dense(relu, L2) -> [Dropout] -> BatchNorm -> Dense, on 5 inputs."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(16, activation="relu",
+                           kernel_regularizer=keras.regularizers.L2(1e-3)),
+        *([keras.layers.Dropout(0.2, seed=5)] if dropout else []),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(3),
+    ], name="net")
+
+
 def regression_data(n=32, n_in=5, n_out=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, n_in)).astype("float32")

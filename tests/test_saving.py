@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
-from conftest import regression_data
+from conftest import bn_mlp, regression_data
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -24,15 +24,7 @@ def _model(seed=0, dropout=False):
     seed-generator state (neither in `.keras` nor in `.weights.h5`), so a
     model with Dropout resumes with other masks, wrapped or not: the
     bit-for-bit resumption tests leave it out."""
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((5,)),
-        keras.layers.Dense(16, activation="relu",
-                           kernel_regularizer=keras.regularizers.L2(1e-3)),
-        *([keras.layers.Dropout(0.2, seed=5)] if dropout else []),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dense(3),
-    ], name="net")
+    return bn_mlp(seed, dropout)
 
 
 def _trained_sam(epochs=2, dropout=False):

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_sam
 import reference
-from conftest import regression_data, tanh_mlp, weights64
+from conftest import bn_mlp, regression_data, tanh_mlp, weights64
 
 
 def _as64(batches):
@@ -177,22 +177,11 @@ def test_mixed_bfloat16_trains():
 
 # ------------------------------------------------ XLA, steps_per_execution
 
-def _bn_mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((5,)),
-        keras.layers.Dense(16, activation="relu",
-                           kernel_regularizer=keras.regularizers.L2(1e-3)),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dense(3),
-    ])
-
-
 def test_jit_compile_matches_the_graph_step():
     x, y = regression_data(n=64)
     results = []
     for jit in (False, True):
-        model = _bn_mlp()
+        model = bn_mlp()
         sam = keras_sam.SAMModel(model, rho=0.1)
         sam.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse",
                     jit_compile=jit)
@@ -211,7 +200,7 @@ def test_steps_per_execution_gives_the_same_weights():
     x, y = regression_data(n=64)
     weights = []
     for n in (1, 4):
-        model = _bn_mlp()
+        model = bn_mlp()
         sam = keras_sam.SAMModel(model, rho=0.1)
         sam.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                     loss="mse", steps_per_execution=n)
