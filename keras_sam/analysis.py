@@ -14,7 +14,6 @@ S_rho (the true maximum can only be higher).
 from __future__ import annotations
 
 import keras
-import numpy as np
 
 from keras_sam.model import validate_rho
 from keras_sam.perturbation import global_norm, l2_scale
@@ -102,4 +101,4 @@ def sharpness(
         size = len(keras.tree.flatten(xb)[0])
         total += float(batch_sharpness(xb, yb, swb)) * size
         count += size
-    return total / max(count, 1) if count else float(np.nan)
+    return total / count if count else float("nan")

@@ -1,6 +1,5 @@
 """keras_sam.analysis.sharpness against the NumPy float64 reference."""
 
-import keras
 import numpy as np
 import pytest
 

@@ -72,6 +72,7 @@ def test_two_workers_train_sam_to_full_batch_sam(tmp_path):
     (w0, f0), (w1, f1) = _weights(outs[0]), _weights(outs[1])
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)  # identical on both workers
+    np.testing.assert_array_equal(f0["loss"], f1["loss"])  # same logs
     # ... and equal to full-batch SAM in one process.
     x, y = jobs.data()
     single = jobs.compiled_sam()
