@@ -178,3 +178,30 @@ def test_nan_on_one_replica_skips_a_plain_optimizer_step_on_all(strategy):
     for v, before in zip(sam.optimizer.variables, slots):
         np.testing.assert_array_equal(np.asarray(v.numpy()), before)
     assert int(sam.optimizer.iterations.numpy()) == 1
+
+
+def test_synchronized_perturbation_with_sparse_embedding_gradients(strategy):
+    """The all-reduced pass-1 gradient of an Embedding stays sparse and
+    gives full-batch SAM."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, size=(32, 6)).astype("int32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+
+    def make():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((6,), dtype="int32"), keras.layers.Embedding(50, 4),
+            keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+
+    with strategy.scope():
+        mirrored = keras_sam.SAMModel(make(), rho=0.5,
+                                      sync_perturbation=True)
+        mirrored.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    single = keras_sam.SAMModel(make(), rho=0.5)
+    single.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    mirrored.fit(_dataset(x, y, 16), epochs=2, verbose=0)
+    single.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    start = make().get_weights()
+    assert not np.allclose(single.model.get_weights()[0], start[0])
+    for a, b in zip(mirrored.model.get_weights(), single.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
