@@ -16,8 +16,9 @@ of steps, and the figure is the median over rounds of the per-round ratio.
 
 Memory: each (model, variant) runs in a fresh process with TensorFlow's BFC
 allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC=true), which counts every
-tensor it hands out, and one op at a time on one thread, so that the peak
-is reproducible. After warm-up its peak is reset; a step's working memory
+tensor it hands out, and one op at a time on one thread, which steadies the
+peak (it still moves by a few MB between runs: the input pipeline allocates
+on its own threads, and op order differs between graphs). After warm-up its peak is reset; a step's working memory
 is the peak over the timed steps minus what was allocated before them
 (weights, optimizer slots). The table gives SAM's working memory minus the
 base model's and minus the floor's, next to the size of the trainable
@@ -179,8 +180,8 @@ def time_model(model_name: str, rounds: int, seconds: float) -> dict:
 
 
 def memory_child(model_name: str, variant: str, steps: int) -> dict:
-    # One op at a time on one thread: the allocator's peak then does not
-    # depend on how the executor happened to interleave independent ops.
+    # One op at a time on one thread: the allocator's peak then depends less
+    # on how the executor happened to interleave independent ops.
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     wrapped, fn, it, model = build(model_name, variant)
