@@ -93,10 +93,8 @@ def train_step(sam, data):
                                       collect_losses=True):
                 _, perturbed_loss = _forward(sam, x, y, sample_weight)
                 scaled = optimizer.scale_loss(perturbed_loss)
-        sam_grads = tape.gradient(scaled, watched)
-        if is_lso:
-            sam_grads = _agree_on_overflow(sam_grads)
-        return ops.cast(perturbed_loss, "float32"), sam_grads
+        return ops.cast(perturbed_loss, "float32"), tape.gradient(scaled,
+                                                                 watched)
 
     def apply(sam_grads):
         # w <- optimizer(w, g_sam), at the original w.
@@ -110,13 +108,13 @@ def train_step(sam, data):
         # runs, and the skip is decided in cross-replica context.
         perturbed_loss, sam_grads = second_pass()
         if is_lso:
-            apply(_scale_first(sam_grads, tf.where(finite, 1.0, float("nan"))))
+            apply(_agree_on_overflow(sam_grads, finite))
         else:
             _apply_if(finite, apply, sam_grads)
     else:
         def perturbed_step():
             perturbed_loss, sam_grads = second_pass()
-            apply(sam_grads)
+            apply(_agree_on_overflow(sam_grads) if is_lso else sam_grads)
             return perturbed_loss
 
         def skipped_step():
@@ -212,16 +210,18 @@ def _sum_over_replicas(grads):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
-def _agree_on_overflow(grads):
-    """Make an overflow on any replica visible to the LossScaleOptimizer on
-    every replica.
+def _agree_on_overflow(grads, pass1_finite=True):
+    """Make an overflow on any replica (or in pass 1, where `pass1_finite`
+    is False) visible to the LossScaleOptimizer on every replica.
 
     Keras's LossScaleOptimizer decides per replica (or, on strategies that
     need `merge_call`, from replica 0 alone) whether the gradient overflowed;
     an overflow on another replica would then reach the all-reduced update.
     Here a NaN is planted in the first gradient of every replica when any
     replica overflowed, so all of them skip the step together. Multiplying
-    by 1.0 otherwise leaves the gradient bit for bit as it was.
+    by 1.0 otherwise leaves the gradient bit for bit as it was. On one
+    replica there is nothing to agree on: the gradients come back unchanged
+    (only the multi-replica path passes `pass1_finite`).
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -229,7 +229,7 @@ def _agree_on_overflow(grads):
     present = [g for g in grads if g is not None]
     if not present:
         return grads
-    ok = _all_replicas(_all_finite(present))
+    ok = tf.logical_and(pass1_finite, _all_replicas(_all_finite(present)))
     return _scale_first(grads, tf.where(ok, 1.0, float("nan")))
 
 
