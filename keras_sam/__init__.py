@@ -5,13 +5,14 @@
     sam_model.fit(x, y)
 """
 
+from keras_sam import analysis, schedules, selection, variants
 from keras_sam.model import SAMModel
-from keras_sam.perturbation import global_norm, sam_perturbation
+from keras_sam.perturbation import global_norm, perturbation, sam_perturbation
 from keras_sam.saving import load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAMModel", "global_norm", "load_model", "sam_perturbation",
-    "__version__",
+    "SAMModel", "analysis", "global_norm", "load_model", "perturbation",
+    "sam_perturbation", "schedules", "selection", "variants", "__version__",
 ]

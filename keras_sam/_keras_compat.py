@@ -67,6 +67,7 @@ def symbolic_build_from_local_batch(model, iterator=None, data_batch=None):
             break
     with strategy.scope():
         model._symbolic_build(data_batch=data_batch)
+        model.build_sam_state()
 
 
 def logs_for_multi_worker(model, logs):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_sam.model import validate_rho
+from keras_sam.options import validate_rho
 from keras_sam.perturbation import global_norm, l2_scale
 
 

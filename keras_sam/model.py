@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
-from typing import Any
+from typing import Callable, Optional
 
 import keras
 
 from keras_sam import _keras_compat
 from keras_sam import backend as sam_backend
 from keras_sam import saving
-
-
-def validate_rho(rho: Any) -> float:
-    """`rho` as a float, or an error that says what is wrong with it."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise TypeError(
-            "`rho` must be a real number >= 0 (the radius of the "
-            f"perturbation ball, e.g. rho=0.05); received {rho!r} of type "
-            f"{type(rho).__name__}."
-        )
-    rho = float(rho)
-    if not math.isfinite(rho) or rho < 0.0:
-        raise ValueError(
-            "`rho` must be a finite number >= 0 (the radius of the "
-            "perturbation ball; 0.05 is the SAM paper's default, 0 trains "
-            f"exactly like the base optimizer); received rho={rho}."
-        )
-    return rho
+from keras_sam.options import Rho, SAMOptions
+from keras_sam.selection import selected
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -58,13 +40,41 @@ class SAMModel(keras.Model):
     either pass skips the step and lowers the scale. With `rho=0` training
     is bit for bit that of the base optimizer.
 
+    Variants, all composable (see the README for what each buys):
+
+        p           the ball's norm: e = rho sign(g)|g|^(q-1)/||g||_q^(q-1)
+        adaptive    ASAM: the ball scaled by T = |w| + eta per weight
+        gsam_alpha  GSAM: apply g_s - alpha * (part of g orthogonal to g_s)
+        sam_every   the second pass on every k-th step only; g in between
+        looksam_alpha  LookSAM: between SAM steps, g plus the stored part of
+                    g_s orthogonal to g, rescaled to ||g||
+        num_batch_splits  m-sharpness on one device: each of m chunks of the
+                    batch gets its own e, their g_s are averaged
+        perturb     which variables get e (the others still train)
+
     Args:
         model: the `keras.Model` to train. Its layers and variables are
             shared, not copied: after training, `sam_model.model` is the
             trained plain model, ready to save and deploy without keras_sam.
-        rho: radius of the L2 ball, a finite float >= 0. The paper uses 0.05
-            (CIFAR-10, ImageNet) and 0.1 (CIFAR-100), searching
-            {0.01, 0.02, 0.05, 0.1, 0.2, 0.5}.
+        rho: radius of the ball: a finite float >= 0, a
+            `keras.optimizers.schedules.LearningRateSchedule` or a callable
+            of the 0-based iteration. The paper uses 0.05 (CIFAR-10,
+            ImageNet) and 0.1 (CIFAR-100); ASAM's rho is typically 0.5 to 2.
+        p: the ball's norm, > 1: 2 (default) or `float("inf")` or any p.
+        adaptive: ASAM (Kwon et al., 2021): T = |w| + eta element-wise on
+            every perturbed variable, e = rho T^2 g / ||T g||_2 for p = 2.
+        eta: ASAM's offset, >= 0.
+        gsam_alpha: GSAM (Zhuang et al., 2022), >= 0; 0 is plain SAM.
+        sam_every: k >= 1: the second pass runs on steps whose iteration
+            (the optimizer's `iterations` before the step) is a multiple of
+            k; the other steps apply the clean gradient (one pass).
+        looksam_alpha: LookSAM (Liu et al., 2022), with `sam_every` > 1.
+        num_batch_splits: m >= 1 chunks per batch, each with its own e at
+            the same w; the update is their size-weighted mean g_s.
+        perturb: None (every trainable variable) or a predicate on
+            variables, e.g. `keras_sam.selection.NormalizationOnly()`;
+            rejected variables get e = 0, stay out of every norm and are
+            still updated with the SAM gradient.
         sync_perturbation: under a `tf.distribute` strategy with several
             replicas, False (the default, as in the paper) computes e on each
             replica from its own shard of the batch (m-sharpness with m = the
@@ -84,7 +94,12 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model: keras.Model, rho: float = 0.05,
+    def __init__(self, model: keras.Model, rho: Rho = 0.05, *,
+                 p: float = 2.0, adaptive: bool = False, eta: float = 0.01,
+                 gsam_alpha: float = 0.0, sam_every: int = 1,
+                 looksam_alpha: Optional[float] = None,
+                 num_batch_splits: Optional[int] = None,
+                 perturb: Optional[Callable] = None,
                  sync_perturbation: bool = False, **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -93,36 +108,68 @@ class SAMModel(keras.Model):
                 f"{type(model).__name__}. To train a single layer, wrap it: "
                 "`keras.Sequential([layer])`."
             )
-        rho = validate_rho(rho)
-        if not isinstance(sync_perturbation, bool):
-            raise TypeError(
-                "`sync_perturbation` must be True or False; received "
-                f"{sync_perturbation!r} of type "
-                f"{type(sync_perturbation).__name__}.")
+        options = SAMOptions(
+            rho=rho, p=p, adaptive=adaptive, eta=eta, gsam_alpha=gsam_alpha,
+            sam_every=sam_every, looksam_alpha=looksam_alpha,
+            num_batch_splits=num_batch_splits, perturb=perturb,
+            sync_perturbation=sync_perturbation)
         self._sam_train_step = sam_backend.get_train_step()
         super().__init__(**kwargs)
         self.model = model
-        self._rho = rho
-        self._sync_perturbation = sync_perturbation
+        self.options = options
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
+        self._looksam_directions = None
         if model.built:
             self.built = True
+            self.build_sam_state()
 
     @property
-    def rho(self) -> float:
-        """Radius of the perturbation ball."""
-        return self._rho
+    def rho(self) -> Rho:
+        """Radius of the perturbation ball (a float or a schedule)."""
+        return self.options.rho
 
     @property
     def sync_perturbation(self) -> bool:
         """Whether replicas share the e of the whole batch."""
-        return self._sync_perturbation
+        return self.options.sync_perturbation
+
+    def perturbed_mask(self, variables) -> list:
+        """[bool] per variable: whether SAM perturbs it (`perturb`)."""
+        mask = selected(self.options.perturb, variables, self.model)
+        if variables and not any(mask):
+            raise ValueError(
+                f"`perturb`={self.options.perturb!r} selects none of the "
+                f"{len(variables)} trainable variables of "
+                f"'{self.model.name}', so SAM would be the base optimizer. "
+                "Pass a predicate that accepts some variables (e.g. "
+                "`lambda v: 'bias' not in v.path`), or perturb=None.")
+        return mask
+
+    def build_sam_state(self) -> None:
+        """Create the variant state once the wrapped model has variables:
+        LookSAM's stored direction g_v, one weight-sized buffer per
+        trainable variable (saved with the model, restored by
+        BackupAndRestore)."""
+        variables = self.model.trainable_variables
+        if variables:
+            self.perturbed_mask(variables)
+        if self.options.looksam_alpha is None or \
+                self._looksam_directions is not None or not variables:
+            return
+        self._looksam_directions = [
+            self.add_weight(shape=v.shape, dtype=v.dtype,
+                            initializer="zeros", trainable=False,
+                            name="looksam_" + v.name,
+                            aggregation="only_first_replica")
+            for v in variables]
 
     def build(self, input_shape=None):
         # The wrapped model builds itself on its first call, as it would
         # unwrapped (a subclassed model's `build(shape)` may not create its
         # sublayers' variables).
         self.built = True
+        if self.model.built:
+            self.build_sam_state()
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
@@ -178,13 +225,12 @@ class SAMModel(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "model": keras.saving.serialize_keras_object(self.model),
-            "rho": self._rho,
-            "sync_perturbation": self._sync_perturbation,
+            **self.options.get_config(),
         }
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> "SAMModel":
-        config = dict(config)
+        config = SAMOptions.config_to_kwargs(config, custom_objects)
         model = keras.saving.deserialize_keras_object(
             config.pop("model"), custom_objects=custom_objects
         )

@@ -189,3 +189,85 @@ def sam_gradient_masked(net, params, x, y, rho, trainable):
     perturbed = [p + scale * gi if t else p
                  for p, gi, t in zip(params, g, trainable)]
     return net.grad(perturbed, x, y)
+
+
+# --- SAM variants ---------------------------------------------------------
+# Written from the papers' formulas (see keras_sam.variants for the same
+# formulas in the library), on flat lists of float64 arrays.
+
+def _dot(a, b):
+    return sum(float(np.sum(x * y)) for x, y in zip(a, b))
+
+
+def _norm(a, p=2.0):
+    if np.isinf(p):
+        return max(float(np.max(np.abs(x))) for x in a)
+    return sum(float(np.sum(np.abs(x) ** p)) for x in a) ** (1.0 / p)
+
+
+def perturbation(grads, params, rho, p=2.0, adaptive=False, eta=0.01,
+                 mask=None):
+    """e = rho T sign(Tg) |Tg|^(q-1) / ||Tg||_q^(q-1), T = |w| + eta (ASAM)
+    or 1; variables with mask False get e = 0 and stay out of the norm."""
+    mask = mask or [True] * len(grads)
+    idx = [i for i, m in enumerate(mask) if m]
+    t = {i: (np.abs(params[i]) + eta if adaptive else np.ones_like(params[i]))
+         for i in idx}
+    tg = {i: t[i] * grads[i] for i in idx}
+    e = [np.zeros_like(g) for g in grads]
+    if np.isinf(p):
+        for i in idx:
+            e[i] = rho * t[i] * np.sign(tg[i])
+        return e
+    q = p / (p - 1.0)
+    denom = _norm([tg[i] for i in idx], q) ** (q - 1.0)
+    if denom == 0.0:
+        return e
+    for i in idx:
+        e[i] = rho * t[i] * np.sign(tg[i]) * np.abs(tg[i]) ** (q - 1.0) / denom
+    return e
+
+
+def split_batch(x, y, m):
+    """m contiguous chunks, sizes as equal as possible, larger first."""
+    return list(zip(np.array_split(x, m), np.array_split(y, m)))
+
+
+def variant_train(net, optimizer, params, batches, rho, *, p=2.0,
+                  adaptive=False, eta=0.01, gsam_alpha=0.0, sam_every=1,
+                  looksam_alpha=None, num_batch_splits=1, mask=None):
+    """Train with every SAM variant's rule; returns (params, sharpness of
+    each SAM step, g_v). `rho` is a float or a function of the iteration."""
+    params = [np.asarray(w, np.float64) for w in params]
+    g_v = [np.zeros_like(w) for w in params]
+    sharpnesses = []
+    for t, (x, y) in enumerate(batches):
+        r = rho(t) if callable(rho) else rho
+        chunks = split_batch(x, y, num_batch_splits)
+        shares = [len(cx) / len(x) for cx, _ in chunks]
+        chunk_grads = [net.grad(params, cx, cy) for cx, cy in chunks]
+        g = [sum(s * gc[i] for s, gc in zip(shares, chunk_grads))
+             for i in range(len(params))]
+        if t % sam_every == 0:
+            g_s = [np.zeros_like(w) for w in params]
+            sharp = 0.0
+            for s, (cx, cy), gc in zip(shares, chunks, chunk_grads):
+                e = perturbation(gc, params, r, p, adaptive, eta, mask)
+                moved = [w + d for w, d in zip(params, e)]
+                g_s = [a + s * b for a, b in zip(g_s, net.grad(moved, cx, cy))]
+                sharp += s * (net.loss(moved, cx, cy) - net.loss(params, cx, cy))
+            sharpnesses.append(sharp)
+            d = g_s
+            if gsam_alpha:
+                c = _dot(g, g_s) / _dot(g_s, g_s)
+                d = [gs - gsam_alpha * (gi - c * gs) for gi, gs in zip(g, g_s)]
+            if looksam_alpha is not None:
+                c = _dot(g, g_s) / _dot(g, g)
+                g_v = [gs - c * gi for gi, gs in zip(g, g_s)]
+        else:
+            d = g
+            if looksam_alpha is not None and _norm(g_v) > 0:
+                scale = looksam_alpha * _norm(g) / _norm(g_v)
+                d = [gi + scale * v for gi, v in zip(g, g_v)]
+        params = optimizer.step(params, d)
+    return params, sharpnesses, g_v

@@ -205,3 +205,49 @@ def test_synchronized_perturbation_with_sparse_embedding_gradients(strategy):
     assert not np.allclose(single.model.get_weights()[0], start[0])
     for a, b in zip(mirrored.model.get_weights(), single.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_variants_per_replica_and_replicas_agree(strategy):
+    """GSAM + LookSAM + every-k under MirroredStrategy: each replica takes
+    its own e, g_s and GSAM direction from its shard; the replicas agree on
+    which steps are SAM steps and hold the same g_v (their mean)."""
+    x, y = regression_data(n=64, seed=13)
+    with strategy.scope():
+        sam = keras_sam.SAMModel(tanh_mlp(l2=0.01), rho=0.2, gsam_alpha=0.3,
+                                 sam_every=2, looksam_alpha=0.7)
+        sam.compile(optimizer=keras.optimizers.SGD(0.3), loss="mse")
+    start = weights64(sam.model)
+    sam.fit(_dataset(x, y, 16), epochs=1, verbose=0)   # 4 global steps
+
+    net, params = reference.TanhMLP(l2=0.01), start
+    dot = lambda a, b: sum(float(np.sum(u * v)) for u, v in zip(a, b))  # noqa: E731
+    g_v = None
+    for step, first in enumerate(range(0, 64, 16)):
+        shards = [(x[first + i:first + i + 8].astype(float),
+                   y[first + i:first + i + 8].astype(float)) for i in (0, 8)]
+        directions, components = [], []
+        for xs, ys in shards:
+            g = net.grad(params, xs, ys)
+            if step % 2 == 0:
+                g_s = reference.sam_gradient(net, params, xs, ys, 0.2)[0]
+                c = dot(g, g_s) / dot(g_s, g_s)
+                directions.append([s - 0.3 * (a - c * s)
+                                   for a, s in zip(g, g_s)])
+                c = dot(g, g_s) / dot(g, g)
+                components.append([s - c * a for a, s in zip(g, g_s)])
+            else:
+                ratio = 0.7 * np.sqrt(dot(g, g) / dot(g_v, g_v))
+                directions.append([a + ratio * v for a, v in zip(g, g_v)])
+        if components:
+            g_v = [np.mean(v, axis=0) for v in zip(*components)]
+        params = [p - 0.3 * np.mean(d, axis=0)
+                  for p, d in zip(params, zip(*directions))]
+    for got, want in zip(weights64(sam.model), params):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for v in sam.model.trainable_variables + sam._looksam_directions:
+        first, second = _replica_values(v)
+        np.testing.assert_array_equal(first, second)
+    # Stored g_v is the replicas' mean (up to the 1/replicas loss scale).
+    got = [np.asarray(v) for v in sam._looksam_directions]
+    cos = dot(got, g_v) / np.sqrt(dot(got, got) * dot(g_v, g_v))
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)

@@ -4,7 +4,7 @@ One step, for a batch B:
 
     pass 1   g = grad L_B(w)              clean weights; state (BatchNorm moving
                                           statistics, seeds) updates here, once
-    e        = rho * g / ||g||_2          keras_sam.perturbation
+    e        = rho * g / ||g||_2          keras_sam.perturbation (or a variant's ball)
     pass 2   g_sam = grad L_B(w + e)      evaluated statelessly: w is never written
     update   w <- optimizer(w, g_sam)     at the original w
 
@@ -20,6 +20,11 @@ A non-finite ||g|| (NaN or inf anywhere in g) skips pass 2 and the update.
 Pass 2 and the update share one branch of that conditional, so the update's
 arithmetic compiles exactly as in Keras's own `train_step` (rho = 0 is the
 base optimizer bit for bit).
+
+The variants (keras_sam.variants) change two things only: how many batches
+pass 2 sees (`num_batch_splits` cuts the batch into chunks, each with its own
+e at the same w) and which gradient the update applies (GSAM, every-k,
+LookSAM); both are decided here, the arithmetic is theirs.
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_sam import _keras_compat
-from keras_sam.perturbation import sam_perturbation
+from keras_sam import _keras_compat, variants
+from keras_sam.perturbation import perturbation
 
 
 def train_step(sam, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`) on one batch."""
     _keras_compat.ensure_built(sam, data)
+    sam.build_sam_state()
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer = sam.optimizer
+    options = sam.options
     variables = list(sam.trainable_variables)
     if not variables:
         raise ValueError(
@@ -44,40 +51,74 @@ def train_step(sam, data):
             "nothing to perturb or train. Unfreeze some layers of the wrapped "
             "model (`layer.trainable = True`) before calling `fit`."
         )
+    perturbed_mask = sam.perturbed_mask(variables)
     state_variables = list(sam.non_trainable_variables)
     # State before pass 1 (seeds, moving statistics): pass 2 starts from it.
     state_before = [tf.identity(v.value) for v in state_variables]
+    iteration = optimizer.iterations
+    rho = options.rho_at(iteration)
+    dense = sam.jit_compile is True or options.combines_gradients
 
     # Pass 1 at w: the loss, metrics and state updates that the logs report.
-    with tf.GradientTape() as tape:
-        y_pred, loss = _forward(sam, x, y, sample_weight)
-        sam._loss_tracker.update_state(
-            _keras_compat.unscale_loss_for_distribution(loss),
-            sample_weight=_batch_size(x),
-        )
-        scaled_loss = optimizer.scale_loss(loss)
-    grads = tape.gradient(scaled_loss, variables)
+    if options.splits == 1:
+        y_pred, loss, grads = _clean_pass(sam, x, y, sample_weight)
+        chunks = [(x, y, sample_weight, grads, None)]
+    else:
+        y_pred, loss, grads, chunks = _clean_pass_in_chunks(
+            sam, x, y, sample_weight, options.splits, state_variables,
+            state_before)
+    sam._loss_tracker.update_state(
+        _keras_compat.unscale_loss_for_distribution(loss),
+        sample_weight=_batch_size(x),
+    )
     live = [i for i, g in enumerate(grads) if g is not None]
     live_variables = [variables[i] for i in live]
+    ascent_ids = [i for i in live if perturbed_mask[i]]
+    if dense:
+        grads = _densify(grads)
 
-    # e(w) = rho * g / ||g||_2 over the variables that have a gradient:
-    # from this replica's shard, or from the whole batch when synchronized.
-    ascent = [grads[i] for i in live]
-    if sam.sync_perturbation:
-        ascent = _sum_over_replicas(ascent)
-    rows = [_rows(g, densify=sam.jit_compile is True) for g in ascent]
-    values = [v for v, _ in rows]
-    grad_norm = _global_norm(values)
-    finite = _all_replicas(tf.math.is_finite(grad_norm))
+    # Per chunk: e(w) from the perturbed variables' gradient, from this
+    # replica's shard, or from the whole batch when synchronized.
+    ascents, finite = [], None
+    for _, _, _, chunk_grads, size in chunks:
+        ascent = [chunk_grads[i] for i in ascent_ids]
+        if sam.sync_perturbation:
+            ascent = _sum_over_replicas(ascent)
+        rows = [_rows(g, densify=dense) for g in ascent]
+        norm = _global_norm([v for v, _ in rows])
+        ascents.append((rows, norm))
+        chunk_finite = tf.math.is_finite(norm)
+        if size is not None:   # an empty chunk (batch < splits) is left out
+            chunk_finite = tf.logical_or(chunk_finite, size == 0.0)
+        finite = chunk_finite if finite is None else tf.logical_and(
+            finite, chunk_finite)
+    others = [grads[i] for i in live if not perturbed_mask[i]]
+    if others:   # unperturbed variables must be finite too
+        finite = tf.logical_and(finite, tf.math.is_finite(
+            _global_norm([_rows(g, densify=True)[0] for g in others])))
+    finite = _all_replicas(finite)
+    sam_step = (True if options.sam_every == 1 else
+                variants.is_sam_step(iteration, options.sam_every))
 
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    looksam = options.looksam_alpha is not None
+    directions_old = ([tf.identity(v.value) for v in
+                       (sam._looksam_directions[i] for i in live)]
+                      if looksam else [])
 
-    def second_pass():
-        """(L(w + e), g_sam): pass 2 at w + e, from the state pass 1 saw."""
-        eps, _ = sam_perturbation(values, sam.rho, grad_norm)
+    def second_pass(chunk, rows, norm):
+        """(L(w + e), g_sam) of one chunk, from the state pass 1 saw."""
+        cx, cy, csw, _, _ = chunk
+        values = [v for v, _ in rows]
+        weights = None
+        if options.adaptive:
+            weights = [_weight_rows(variables[i], idx)
+                       for i, (_, idx) in zip(ascent_ids, rows)]
+        eps = perturbation(values, rho, p=options.p, weights=weights,
+                           eta=options.eta, grad_norm=norm)
         # Climb to w + e(w): one tensor per variable; the variables keep w.
         perturbed = [tf.identity(v.value) for v in variables]
-        for i, (_, indices), e in zip(live, rows, eps):
+        for i, (_, indices), e in zip(ascent_ids, rows, eps):
             w = perturbed[i]
             e = ops.cast(e, w.dtype)
             if indices is None:
@@ -91,14 +132,49 @@ def train_step(sam, data):
             tape.watch(watched)
             with keras.StatelessScope(state_mapping=mapping,
                                       collect_losses=True):
-                _, perturbed_loss = _forward(sam, x, y, sample_weight)
+                _, perturbed_loss = _forward(sam, cx, cy, csw)
                 scaled = optimizer.scale_loss(perturbed_loss)
-        return ops.cast(perturbed_loss, "float32"), tape.gradient(scaled,
-                                                                 watched)
+        sam_grads = tape.gradient(scaled, watched)
+        if dense:
+            sam_grads = _densify(sam_grads)
+        return ops.cast(perturbed_loss, "float32"), sam_grads
 
-    def apply(sam_grads):
-        # w <- optimizer(w, g_sam), at the original w.
-        pairs = [(g, v) for g, v in zip(sam_grads, live_variables)
+    def sam_update():
+        """(L(w + e), the gradient to apply, LookSAM's new g_v)."""
+        results = [second_pass(c, r, n) for c, (r, n) in zip(chunks, ascents)]
+        if len(results) == 1:
+            perturbed_loss, sam_grads = results[0]
+        else:
+            weights = [c[4] for c in chunks]
+            perturbed_loss = variants.weighted_mean(
+                [[lo] for lo, _ in results], weights)[0]
+            sam_grads = variants.weighted_mean([g for _, g in results],
+                                               weights)
+        clean = [grads[i] for i in live]
+        direction = sam_grads
+        if options.gsam_alpha > 0.0:
+            direction = variants.gsam_direction(clean, sam_grads,
+                                                options.gsam_alpha)
+        new_directions = (variants.looksam_component(clean, sam_grads)
+                          if looksam else [])
+        return perturbed_loss, direction, new_directions
+
+    def one_pass_update():
+        """No pass 2: the clean gradient, or LookSAM's g + stored g_v."""
+        clean = [grads[i] for i in live]
+        if looksam:
+            clean = variants.looksam_direction(clean, directions_old,
+                                               options.looksam_alpha)
+        return tf.constant(float("nan")), clean, directions_old
+
+    def update_direction():
+        if sam_step is True:
+            return sam_update()
+        return tf.cond(sam_step, sam_update, one_pass_update)
+
+    def apply(direction):
+        # w <- optimizer(w, d), at the original w.
+        pairs = [(g, v) for g, v in zip(direction, live_variables)
                  if g is not None]
         optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
 
@@ -106,16 +182,16 @@ def train_step(sam, data):
         # The update cannot sit inside a conditional in replica context
         # (MirroredStrategy synchronizes through `merge_call`): pass 2 always
         # runs, and the skip is decided in cross-replica context.
-        perturbed_loss, sam_grads = second_pass()
+        perturbed_loss, direction, new_directions = update_direction()
         if is_lso:
-            apply(_agree_on_overflow(sam_grads, finite))
+            apply(_agree_on_overflow(direction, finite))
         else:
-            _apply_if(finite, apply, sam_grads)
+            _apply_if(finite, apply, direction)
     else:
         def perturbed_step():
-            perturbed_loss, sam_grads = second_pass()
-            apply(_agree_on_overflow(sam_grads) if is_lso else sam_grads)
-            return perturbed_loss
+            perturbed_loss, direction, new_directions = update_direction()
+            apply(_agree_on_overflow(direction) if is_lso else direction)
+            return perturbed_loss, new_directions
 
         def skipped_step():
             if is_lso:
@@ -123,23 +199,133 @@ def train_step(sam, data):
                 # (some may have overflowed alone): the step is skipped
                 # everywhere and the loss scale drops.
                 apply(_scale_first([grads[i] for i in live], float("nan")))
-            return tf.constant(float("nan"))
+            return tf.constant(float("nan")), directions_old
 
         # Pass 2 and the update share one branch, so the update compiles
         # exactly as in Keras's own train_step.
-        perturbed_loss = tf.cond(finite, perturbed_step, skipped_step)
+        perturbed_loss, new_directions = tf.cond(finite, perturbed_step,
+                                                 skipped_step)
+
+    took_sam_step = tf.logical_and(finite, sam_step)
+    if looksam:
+        # g_v changes on SAM steps that were applied; replicas keep the mean
+        # of their g_v, so that they all hold the same direction.
+        new_directions = _mean_over_replicas(new_directions)
+        for i, new, old in zip(live, new_directions, directions_old):
+            sam._looksam_directions[i].assign(
+                tf.where(took_sam_step, ops.cast(new, old.dtype), old))
 
     # sharpness = L(w + e) - L(w), first order, from the two passes.
     sharpness = _keras_compat.unscale_loss_for_distribution(
         perturbed_loss - ops.cast(loss, "float32")
     )
-    counted = tf.logical_and(finite, tf.math.is_finite(sharpness))
+    counted = tf.logical_and(took_sam_step, tf.math.is_finite(sharpness))
     sam._sharpness_tracker.update_state(
         tf.where(counted, sharpness, 0.0),
         sample_weight=tf.where(counted, ops.cast(_batch_size(x), "float32"),
                                0.0),
     )
     return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _clean_pass(sam, x, y, sample_weight):
+    """Pass 1 on the whole batch, with its state updates: (y_pred, loss,
+    scaled gradients of every trainable variable)."""
+    with tf.GradientTape() as tape:
+        y_pred, loss = _forward(sam, x, y, sample_weight)
+        scaled_loss = sam.optimizer.scale_loss(loss)
+    return y_pred, loss, tape.gradient(scaled_loss, sam.trainable_variables)
+
+
+def _clean_pass_in_chunks(sam, x, y, sample_weight, splits, state_variables,
+                          state_before):
+    """Pass 1 on each of `splits` contiguous chunks of the batch, at w.
+
+    Each chunk runs from the state before the step; the state then moves
+    once: floating-point state (BatchNorm moving statistics) to the chunks'
+    size-weighted mean, other state (seeds) as the first chunk left it. The
+    reported loss is the size-weighted mean of the chunks' losses and the
+    metrics see the chunks' predictions together.
+
+    Returns (y_pred, loss, gradient = the chunks' weighted mean, chunks as
+    [(x_c, y_c, sample_weight_c, gradients_c, size_c)]).
+    """
+    variables = list(sam.trainable_variables)
+    n = _static_batch_size(x)
+    if n is None:
+        n = _batch_size(x)
+    bounds = _chunk_bounds(n, splits)
+    weights_now = [tf.identity(v.value) for v in variables]
+    cut = lambda tree, a, b: keras.tree.map_structure(  # noqa: E731
+        lambda t: None if t is None else t[a:b], tree)
+    chunks, preds, losses, states = [], [], [], []
+    for a, b in bounds:
+        cx, cy = cut(x, a, b), cut(y, a, b)
+        csw = None if sample_weight is None else cut(sample_weight, a, b)
+        mapping = list(zip(variables, weights_now))
+        mapping += list(zip(state_variables, state_before))
+        with tf.GradientTape() as tape:
+            tape.watch(weights_now)
+            with keras.StatelessScope(state_mapping=mapping,
+                                      collect_losses=True) as scope:
+                y_pred, loss = _forward(sam, cx, cy, csw)
+                scaled = sam.optimizer.scale_loss(loss)
+            states.append([_current(scope, v, old) for v, old in
+                           zip(state_variables, state_before)])
+        chunks.append((cx, cy, csw, tape.gradient(scaled, weights_now),
+                       ops.cast(b - a, "float32")))
+        preds.append(y_pred)
+        losses.append(ops.cast(loss, "float32"))
+    sizes = [c[4] for c in chunks]
+    for k, v in enumerate(state_variables):
+        if v.dtype.startswith("float"):
+            v.assign(variants.weighted_mean([[s[k]] for s in states],
+                                            sizes)[0])
+        else:
+            v.assign(states[0][k])
+    y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0),
+                                      *preds)
+    # Per-output loss trackers, which the stateless chunks did not update.
+    sam._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                      training=True)
+    loss = variants.weighted_mean([[lo] for lo in losses], sizes)[0]
+    grads = variants.weighted_mean(
+        [_densify(c[3]) for c in chunks], sizes)
+    live = [g is not None for g in chunks[0][3]]
+    grads = [g if ok else None for g, ok in zip(grads, live)]
+    chunks = [(cx, cy, csw, _densify(g), size)
+              for cx, cy, csw, g, size in chunks]
+    return y_pred, loss, grads, chunks
+
+
+def _current(scope, variable, default):
+    value = scope.get_current_value(variable)
+    return default if value is None else value
+
+
+def _chunk_bounds(n, splits):
+    if isinstance(n, int):   # static batch: Python bounds, XLA-friendly
+        base, extra = divmod(n, splits)
+        bounds, start = [], 0
+        for c in range(splits):
+            stop = start + base + (1 if c < extra else 0)
+            if stop > start:   # a batch smaller than `splits`
+                bounds.append((start, stop))
+            start = stop
+        return bounds
+    return variants.chunk_bounds(n, splits)
+
+
+def _densify(grads):
+    """Gradients with `tf.IndexedSlices` made dense (None stays None)."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+            for g in grads]
+
+
+def _weight_rows(variable, indices):
+    """w, or its rows at `indices` for a sparse gradient's rows."""
+    value = variable.value
+    return value if indices is None else tf.gather(value, indices)
 
 
 def _forward(sam, x, y, sample_weight):
@@ -198,6 +384,14 @@ def _all_replicas(flag: tf.Tensor) -> tf.Tensor:
     dissent = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
                              1.0 - tf.cast(flag, tf.float32))
     return dissent < 0.5
+
+
+def _mean_over_replicas(tensors):
+    """All-reduce (MEAN) across replicas; a no-op on one replica."""
+    ctx = tf.distribute.get_replica_context()
+    if not tensors or ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tensors)
 
 
 def _sum_over_replicas(grads):
@@ -273,6 +467,11 @@ def _rows(grad, densify: bool):
         grad.values, positions, tf.shape(unique)[0]
     )
     return values, unique
+
+
+def _static_batch_size(x):
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    return first.shape[0]
 
 
 def _batch_size(x):

@@ -1,0 +1,177 @@
+"""The settings of a `SAMModel`, checked once at construction.
+
+Every argument is validated here, before any weight exists or changes, with
+an error that names the argument, says what is wrong and what to pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Optional, Union
+
+import keras
+from keras import ops
+
+Rho = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_rho(rho: Any) -> float:
+    """`rho` as a float, or an error that says what is wrong with it."""
+    if not _is_real(rho):
+        raise TypeError(
+            "`rho` must be a real number >= 0 (the radius of the "
+            f"perturbation ball, e.g. rho=0.05); received {rho!r} of type "
+            f"{type(rho).__name__}.")
+    rho = float(rho)
+    if not math.isfinite(rho) or rho < 0.0:
+        raise ValueError(
+            "`rho` must be a finite number >= 0 (the radius of the "
+            "perturbation ball; 0.05 is the SAM paper's default, 0 trains "
+            f"exactly like the base optimizer); received rho={rho}.")
+    return rho
+
+
+def _rho(rho: Any) -> Rho:
+    if isinstance(rho, keras.optimizers.schedules.LearningRateSchedule):
+        return rho
+    if callable(rho) and not isinstance(rho, type):
+        return rho
+    if _is_real(rho):
+        return validate_rho(rho)
+    raise TypeError(
+        "`rho` must be a real number >= 0, a keras.optimizers.schedules."
+        "LearningRateSchedule, or a callable of the iteration returning the "
+        f"radius; received {rho!r} of type {type(rho).__name__}.")
+
+
+def _non_negative(name: str, value: Any, hint: str) -> float:
+    if not _is_real(value):
+        raise TypeError(f"`{name}` must be a real number >= 0 ({hint}); "
+                        f"received {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 ({hint}); "
+                         f"received {name}={value}.")
+    return value
+
+
+def _positive_int(name: str, value: Any, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer >= 1 ({hint}); "
+                        f"received {value!r} of type {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1 ({hint}); "
+                         f"received {name}={value}.")
+    return int(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False; received {value!r}"
+                        f" of type {type(value).__name__}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SAMOptions:
+    """The validated arguments of `SAMModel` (see its docstring)."""
+
+    rho: Rho = 0.05
+    p: float = 2.0
+    adaptive: bool = False
+    eta: float = 0.01
+    gsam_alpha: float = 0.0
+    sam_every: int = 1
+    looksam_alpha: Optional[float] = None
+    num_batch_splits: Optional[int] = None
+    perturb: Optional[Callable] = None
+    sync_perturbation: bool = False
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("rho", _rho(self.rho))
+        if not _is_real(self.p):
+            raise TypeError(
+                "`p` must be a real number > 1 or float('inf') (the norm of "
+                f"the perturbation ball); received {self.p!r}.")
+        if math.isnan(self.p) or self.p <= 1.0:
+            raise ValueError(
+                "`p` must be > 1 (2 is SAM's L2 ball, float('inf') the max-"
+                f"norm ball); received p={self.p}. p <= 1 has no dual norm "
+                "that gives a finite perturbation.")
+        set_("p", float(self.p))
+        set_("adaptive", _flag("adaptive", self.adaptive))
+        set_("eta", _non_negative("eta", self.eta,
+                                  "ASAM's offset in T = |w| + eta, e.g. 0.01"))
+        set_("gsam_alpha", _non_negative(
+            "gsam_alpha", self.gsam_alpha,
+            "GSAM's weight of the orthogonal ascent; 0 is plain SAM"))
+        set_("sam_every", _positive_int(
+            "sam_every", self.sam_every,
+            "the second pass runs every sam_every steps; 1 is every step"))
+        if self.looksam_alpha is not None:
+            set_("looksam_alpha", _non_negative(
+                "looksam_alpha", self.looksam_alpha,
+                "LookSAM's weight of the stored direction, e.g. 0.7"))
+            if self.sam_every < 2:
+                raise ValueError(
+                    "`looksam_alpha` needs `sam_every` > 1: LookSAM reuses "
+                    "the direction from its last SAM step on the steps in "
+                    "between, and with sam_every=1 there are none. Pass "
+                    "e.g. sam_every=5, looksam_alpha=0.7.")
+        if self.num_batch_splits is not None:
+            set_("num_batch_splits", _positive_int(
+                "num_batch_splits", self.num_batch_splits,
+                "the number of chunks of the batch that each get their own "
+                "e"))
+        if self.perturb is not None and not callable(self.perturb):
+            raise TypeError(
+                "`perturb` must be None (perturb every trainable variable) "
+                "or a predicate on variables, such as "
+                "keras_sam.selection.NormalizationOnly() or "
+                f"`lambda v: 'bias' not in v.path`; received {self.perturb!r}.")
+        set_("sync_perturbation",
+             _flag("sync_perturbation", self.sync_perturbation))
+
+    @property
+    def splits(self) -> int:
+        """The number of chunks per batch (1 without `num_batch_splits`)."""
+        return self.num_batch_splits or 1
+
+    @property
+    def combines_gradients(self) -> bool:
+        """Whether the update is built from several gradients (GSAM, LookSAM,
+        every-k, splits), which densifies sparse gradients."""
+        return (self.gsam_alpha > 0.0 or self.sam_every > 1
+                or self.splits > 1)
+
+    def rho_at(self, iteration):
+        """rho for the step at `iteration` (a float, or a float32 tensor
+        from the schedule)."""
+        if isinstance(self.rho, float):
+            return self.rho
+        return ops.cast(self.rho(iteration), "float32")
+
+    def get_config(self) -> dict:
+        config = {f.name: getattr(self, f.name)
+                  for f in dataclasses.fields(self)}
+        for key in ("rho", "perturb"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, float):
+                config[key] = keras.saving.serialize_keras_object(value)
+        return config
+
+    @classmethod
+    def config_to_kwargs(cls, config: dict, custom_objects=None) -> dict:
+        config = dict(config)
+        for key in ("rho", "perturb"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects)
+        return config

@@ -1,0 +1,113 @@
+"""What the SAM variants change in the update, as pure functions.
+
+SAM applies g_s = grad L(w + e) where the base optimizer applies g =
+grad L(w). The variants here decide what is applied instead, from g, g_s and
+(for LookSAM) one stored direction; the perturbation e itself is in
+`keras_sam.perturbation`. Lists of tensors in, lists of tensors out, with
+`keras.ops` only, so every backend reuses them.
+
+GSAM (Zhuang et al., 2022): descend on g_s, and also ascend along the part
+of the clean gradient orthogonal to it, which lowers the surrogate gap
+L(w + e) - L(w) without moving the minimization direction:
+
+    g_perp = g - (<g, g_s> / ||g_s||^2) g_s
+    d      = g_s - alpha * g_perp
+
+LookSAM (Liu et al., 2022): the second pass only every k steps. On those
+steps keep the part of g_s orthogonal to g, the direction that SAM adds:
+
+    g_v = g_s - (<g, g_s> / ||g||^2) g
+
+and on the k - 1 steps between, apply the clean gradient plus that
+direction, rescaled to the current gradient's size:
+
+    d = g + alpha * (||g|| / ||g_v||) * g_v
+
+Every k steps without LookSAM (`sam_every`): d = g_s on SAM steps, d = g on
+the others.
+
+m-sharpness on one device (`num_batch_splits`): the batch is cut into m
+contiguous chunks, each gets its own e at the same w, and the applied
+gradient is the chunk-size-weighted mean of the chunks' g_s (the plain mean
+for equal chunks; the full-batch gradient when rho = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from keras import ops
+
+from keras_sam.perturbation import global_dot, global_norm
+
+
+def _safe_ratio(num, den):
+    """num / den, and 0 where den is 0."""
+    ok = den > 0.0
+    return ops.where(ok, num / ops.where(ok, den, ops.ones_like(den)),
+                     ops.zeros_like(num))
+
+
+def _axpy(a, x: Sequence, y: Sequence) -> list:
+    """a * x + y, element-wise over matching lists (a a float32 scalar)."""
+    return [ops.cast(a, yi.dtype) * ops.cast(xi, yi.dtype) + yi
+            for xi, yi in zip(x, y)]
+
+
+def gsam_direction(grads: Sequence, sam_grads: Sequence, alpha) -> list:
+    """d = g_s - alpha * (g - (<g, g_s> / ||g_s||^2) g_s).
+
+    Equivalently (1 + alpha c) g_s - alpha g with c = <g, g_s> / ||g_s||^2;
+    alpha = 0 returns g_s.
+    """
+    c = _safe_ratio(global_dot(grads, sam_grads),
+                    ops.square(global_norm(sam_grads)))
+    alpha = ops.cast(alpha, "float32")
+    scaled = [ops.cast(1.0 + alpha * c, s.dtype) * s for s in sam_grads]
+    return _axpy(-alpha, grads, scaled)
+
+
+def looksam_component(grads: Sequence, sam_grads: Sequence) -> list:
+    """g_v = g_s - (<g, g_s> / ||g||^2) g: the part of g_s orthogonal to g."""
+    c = _safe_ratio(global_dot(grads, sam_grads),
+                    ops.square(global_norm(grads)))
+    return _axpy(-c, grads, list(sam_grads))
+
+
+def looksam_direction(grads: Sequence, g_v: Sequence, alpha) -> list:
+    """d = g + alpha * (||g|| / ||g_v||) * g_v; g when g_v is zero."""
+    ratio = _safe_ratio(global_norm(grads), global_norm(g_v))
+    return _axpy(ops.cast(alpha, "float32") * ratio, g_v, list(grads))
+
+
+def is_sam_step(iteration, sam_every: int):
+    """Whether the step at 0-based `iteration` runs the second pass:
+    iteration % sam_every == 0."""
+    return ops.equal(ops.mod(ops.cast(iteration, "int64"), sam_every), 0)
+
+
+def chunk_bounds(batch_size, num_splits: int) -> list:
+    """[(start, stop)] of `num_splits` contiguous chunks of a batch, as equal
+    as possible (sizes differ by at most one, larger chunks first). A batch
+    smaller than `num_splits` leaves the last chunks empty."""
+    n = ops.cast(batch_size, "int32")
+    base, extra = n // num_splits, n % num_splits
+    bounds, start = [], ops.zeros((), "int32")
+    for c in range(num_splits):
+        size = base + ops.cast(c < extra, "int32")
+        bounds.append((start, start + size))
+        start = start + size
+    return bounds
+
+
+def weighted_mean(lists: Sequence[Sequence], weights: Sequence) -> list:
+    """sum_c w_c * lists[c] / sum_c w_c, element-wise; an empty chunk
+    (w_c = 0) contributes nothing, even where its values are NaN."""
+    total = ops.sum(ops.stack([ops.cast(w, "float32") for w in weights]))
+    out = None
+    for values, w in zip(lists, weights):
+        share = _safe_ratio(ops.cast(w, "float32"), total)
+        term = [ops.where(share > 0.0, ops.cast(share, v.dtype) * v,
+                          ops.zeros_like(v)) for v in values]
+        out = term if out is None else [a + b for a, b in zip(out, term)]
+    return out
