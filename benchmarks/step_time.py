@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py            # full run, a few minutes
     python benchmarks/step_time.py --quick    # fewer rounds
+    python benchmarks/step_time.py --variants # every SAM variant's step
 
 Three variants of each model, all compiled with the same optimizer and loss:
 
@@ -133,18 +134,42 @@ def transformer():
 MODELS = {"MLP": mlp, "CNN+BatchNorm": cnn, "Transformer": transformer}
 VARIANTS = ("base", "floor", "SAM")
 
+# --variants: SAMModel arguments, and the optimizer iteration to start from.
+# "one-pass" rows start at iteration 1 with sam_every = 10**9, so every timed
+# step is a step between SAM steps; "cycle" rows average over whole cycles.
+NEVER = 10**9
+VARIANT_STEPS = {
+    "SAM": ({}, 0),
+    "p=inf": ({"p": float("inf")}, 0),
+    "ASAM": ({"adaptive": True, "rho": 0.5}, 0),
+    "GSAM": ({"gsam_alpha": 0.3}, 0),
+    "num_batch_splits=2": ({"num_batch_splits": 2}, 0),
+    "every-4: one-pass step": ({"sam_every": NEVER}, 1),
+    "LookSAM: one-pass step": ({"sam_every": NEVER, "looksam_alpha": 0.7}, 1),
+    "every-4: cycle mean": ({"sam_every": 4}, 0),
+    "LookSAM k=5: cycle mean": ({"sam_every": 5, "looksam_alpha": 0.7}, 0),
+}
+
 
 def build(model_name: str, variant: str):
     keras.utils.set_random_seed(0)
     model, x, y = MODELS[model_name]()
-    wrapped = {"base": lambda m: m, "floor": FloorModel,
-               "SAM": lambda m: keras_sam.SAMModel(m, rho=0.05)}[variant](
-                   model)
+    start = 0
+    if variant == "base":
+        wrapped = model
+    elif variant == "floor":
+        wrapped = FloorModel(model)
+    else:
+        kwargs, start = VARIANT_STEPS[variant]
+        wrapped = keras_sam.SAMModel(model, **{"rho": 0.05, **kwargs})
     wrapped.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     wrapped.make_train_function()
+    if start:
+        wrapped.optimizer.build(wrapped.trainable_variables)
+        wrapped.optimizer.iterations.assign(start)
     return wrapped, wrapped.train_function, iterator, model
 
 
@@ -157,25 +182,57 @@ def run_steps(train_fn, iterator, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def time_model(model_name: str, rounds: int, seconds: float) -> dict:
-    built = {v: build(model_name, v) for v in VARIANTS}
+def time_rounds(model_name: str, variants, rounds: int, seconds: float,
+                cycle: int = 20) -> dict:
+    """{variant: per-round seconds per step}, variants in alternating order;
+    steps per round a multiple of `cycle` (whole every-k cycles)."""
+    built = {v: build(model_name, v) for v in variants}
     for _, fn, it, _ in built.values():
-        run_steps(fn, it, 3)  # trace and warm up
-    probe = run_steps(built["SAM"][1], built["SAM"][2], 5)
-    steps = max(5, int(seconds / probe))
-    per_round = {v: [] for v in VARIANTS}
+        run_steps(fn, it, cycle)  # trace and warm up, whole cycles
+    probe = run_steps(built["floor"][1], built["floor"][2], 5)
+    steps = max(cycle, cycle * int(seconds / probe / cycle))
+    per_round = {v: [] for v in variants}
     for r in range(rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             per_round[v].append(run_steps(built[v][1], built[v][2], steps))
-    t = {v: np.array(per_round[v]) for v in VARIANTS}
+    return {v: np.array(per_round[v]) for v in variants}
+
+
+def time_variants(model_name: str, rounds: int, seconds: float) -> list:
+    t = time_rounds(model_name, ("base", "floor", *VARIANT_STEPS), rounds,
+                    seconds)
+    return [{"variant": v, "ms": 1e3 * float(np.median(t[v])),
+             "over_base": float(np.median(t[v] / t["base"])),
+             "over_sam": float(np.median(t[v] / t["SAM"])),
+             "over_floor": float(np.median(t[v] / t["floor"]))}
+            for v in ("base", "floor", *VARIANT_STEPS)]
+
+
+def looksam_buffer_mb(model_name: str) -> tuple[float, float]:
+    """(resident memory of LookSAM minus SAM, size of the trainable weights),
+    from the allocator's count after building, in a fresh process each."""
+    out = {}
+    for variant in ("SAM", "LookSAM k=5: cycle mean"):
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-child", model_name, variant,
+             "--steps", "5"], capture_output=True, text=True, check=True,
+            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
+        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    mb = 1024.0 ** 2
+    return ((out["LookSAM k=5: cycle mean"]["resident_bytes"]
+             - out["SAM"]["resident_bytes"]) / mb,
+            out["SAM"]["weights_bytes"] / mb)
+
+
+def time_model(model_name: str, rounds: int, seconds: float) -> dict:
+    t = time_rounds(model_name, VARIANTS, rounds, seconds)
     return {
         "base_ms": 1e3 * float(np.median(t["base"])),
         "floor_ms": 1e3 * float(np.median(t["floor"])),
         "sam_ms": 1e3 * float(np.median(t["SAM"])),
         "sam_over_base": float(np.median(t["SAM"] / t["base"])),
         "sam_over_floor": float(np.median(t["SAM"] / t["floor"])),
-        "steps_per_round": steps,
     }
 
 
@@ -191,7 +248,8 @@ def memory_child(model_name: str, variant: str, steps: int) -> dict:
     run_steps(fn, it, steps)
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     weights = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_weights)
-    return {"working_bytes": peak - before, "weights_bytes": weights}
+    return {"working_bytes": peak - before, "weights_bytes": weights,
+            "resident_bytes": before}
 
 
 def memory_model(model_name: str, steps: int) -> dict:
@@ -222,14 +280,19 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--memory-only", action="store_true",
                         help="skip the timing rounds")
+    parser.add_argument("--variants", action="store_true",
+                        help="time every SAM variant's step")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args.steps)))
         return None
     rounds, seconds = (3, 0.5) if args.quick else (9, 1.5)
+    if args.variants:
+        return variants_table(args.models, rounds, seconds)
 
     rows = []
-    for name in MODELS:
+    for name in args.models:
         timing = {} if args.memory_only else time_model(name, rounds,
                                                          seconds)
         row = {"model": name, **timing, **memory_model(name, args.steps)}
@@ -254,6 +317,26 @@ def main(argv=None):
               f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB | "
               f"{r['weights_mb']:.2f} MB |")
     return rows
+
+
+def variants_table(models, rounds: int, seconds: float) -> dict:
+    tables = {}
+    for name in models:
+        tables[name] = (time_variants(name, rounds, seconds),
+                        looksam_buffer_mb(name))
+        print(f"measured {name}", file=sys.stderr)
+    print(f"\nTensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPU cores; median of {rounds} alternating "
+          "rounds; rho = 0.05 (ASAM 0.5)")
+    for name, (rows, (extra, weights)) in tables.items():
+        print(f"\n{name}: LookSAM's g_v buffer {extra:.2f} MB resident over "
+              f"SAM, trainable weights {weights:.2f} MB\n")
+        print("| step | ms/step | / base | / SAM | / floor |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['variant']} | {r['ms']:.2f} | {r['over_base']:.3f} "
+                  f"| {r['over_sam']:.3f} | {r['over_floor']:.3f} |")
+    return tables
 
 
 if __name__ == "__main__":

@@ -92,3 +92,42 @@ def logs_for_multi_worker(model, logs):
     return tree.map_structure(
         lambda t: tf.reshape(t, [1]) if tf.is_tensor(t) and t.shape.rank == 0
         else t, logs)
+
+
+def compile_hint(sam, method_name=None) -> str:
+    """The message for a SAMModel used before `compile`, naming the usual
+    mistake: compiling the wrapped model instead of the SAMModel."""
+    action = f"`{method_name}`" if method_name else "training"
+    if sam.model.compiled:
+        return (
+            f"The SAMModel is not compiled, but the model it wraps "
+            f"('{sam.model.name}') is. SAM trains through the SAMModel, so "
+            f"compile that one before {action}: "
+            "`sam_model.compile(optimizer=..., loss=..., metrics=...)` "
+            "(the wrapped model's own compile settings are not used).")
+    return (
+        f"Compile the SAMModel before {action}: `sam_model.compile("
+        "optimizer=..., loss=..., metrics=...)`. Compile the SAMModel "
+        "itself, not the model it wraps.")
+
+
+def wrapped_model_key(sam) -> str:
+    """The name under which Keras's weights files store the wrapped model
+    (the snake-case class name, as `keras.src.saving.saving_lib` names
+    the entries of a layer list)."""
+    from keras.src.utils.naming import to_snake_case
+
+    return to_snake_case(type(sam.model).__name__)
+
+
+def batches(x, y=None, sample_weight=None, batch_size=None):
+    """(x, y, sample_weight) batches of anything `Model.evaluate` takes
+    (arrays, tf.data, PyDataset, generators), through Keras's own data
+    adapters (`keras.src.trainers.data_adapters`)."""
+    import keras
+    from keras.src.trainers.data_adapters import get_data_adapter
+
+    adapter = get_data_adapter(x, y, sample_weight=sample_weight,
+                               batch_size=batch_size, shuffle=False)
+    for batch in adapter.get_tf_dataset():
+        yield keras.utils.unpack_x_y_sample_weight(batch)

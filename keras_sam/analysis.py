@@ -22,11 +22,12 @@ from keras_sam.perturbation import global_norm, l2_scale
 def sharpness(
     model: keras.Model,
     x,
-    y,
+    y=None,
     rho: float = 0.05,
     batch_size: int = 128,
     ascent_steps: int = 1,
     sample_weight=None,
+    steps: int | None = None,
 ) -> float:
     """Mean over batches of max_{||e||_2 <= rho} L_B(w + e) - L_B(w).
 
@@ -34,18 +35,25 @@ def sharpness(
         model: a compiled `keras.Model` (a `SAMModel` or a plain model); L is
             its compiled loss plus `model.losses`, in inference mode (no
             dropout, BatchNorm with its moving statistics).
-        x, y: the data, NumPy arrays (or nested structures of them).
+        x, y: the data, in any form `model.evaluate` takes: NumPy arrays (or
+            nested structures of them) with `y`, or a `tf.data.Dataset` /
+            `keras.utils.PyDataset` yielding `(x, y)` or
+            `(x, y, sample_weight)` batches (then `y` is None).
         rho: radius of the L2 ball, a finite float >= 0.
-        batch_size: m, the number of examples in each batch.
+        batch_size: m, the number of examples in each batch (arrays only; a
+            dataset keeps its own batches).
         ascent_steps: normalized ascent steps of length rho / ascent_steps
             each, projected onto the ball; 1 gives SAM's e = rho g / ||g||.
-        sample_weight: optional per-example weights for the loss.
+        sample_weight: optional per-example weights for the loss (arrays).
+        steps: how many batches to use; None for all.
 
     Returns:
         The estimate, averaged over batches with weights equal to their sizes.
         The model's weights are not changed.
     """
     import tensorflow as tf
+
+    from keras_sam import _keras_compat
 
     rho = validate_rho(rho)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
@@ -91,14 +99,38 @@ def sharpness(
         perturbed = loss_at([t + d for t, d in zip(w, e)], xb, yb, swb)
         return tf.cast(perturbed - clean, tf.float64)
 
-    n = len(keras.tree.flatten(x)[0])
     total, count = 0.0, 0
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        xb = keras.tree.map_structure(lambda a: a[sl], x)
-        yb = keras.tree.map_structure(lambda a: a[sl], y)
-        swb = None if sample_weight is None else sample_weight[sl]
-        size = len(keras.tree.flatten(xb)[0])
+    for i, (xb, yb, swb) in enumerate(_keras_compat.batches(
+            x, y, sample_weight, batch_size)):
+        if steps is not None and i >= steps:
+            break
+        if i == 0:
+            _check_labels(model, xb, yb, swb)
+        size = int(keras.ops.shape(keras.tree.flatten(xb)[0])[0])
         total += float(batch_sharpness(xb, yb, swb)) * size
         count += size
-    return total / count if count else float("nan")
+    if count == 0:
+        raise ValueError(
+            "`x` holds no examples: sharpness needs at least one batch.")
+    return total / count
+
+
+def _check_labels(model, xb, yb, swb) -> None:
+    """Evaluate the loss once, eagerly, so that labels that do not fit the
+    compiled loss fail with a short message instead of inside a trace."""
+    if yb is None:
+        raise ValueError(
+            "No labels: pass `y` with array inputs, or a dataset that yields "
+            "(x, y) batches.")
+    try:
+        model.compute_loss(xb, yb, model(xb, training=False), swb,
+                           training=False)
+    except Exception as error:  # noqa: BLE001 - re-raised with context
+        shapes = (f"labels of shape {tuple(keras.tree.flatten(yb)[0].shape)}"
+                  if keras.tree.flatten(yb) else "no labels")
+        raise ValueError(
+            f"The model's compiled loss ({model.loss!r}) cannot take these "
+            f"labels ({shapes}). A common cause: one-hot labels with a "
+            "sparse loss (use `categorical_crossentropy`, or integer labels "
+            "with `sparse_categorical_crossentropy`), or the reverse. Keras "
+            f"said: {str(error).splitlines()[0][:300]}") from error

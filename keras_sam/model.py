@@ -14,6 +14,24 @@ from keras_sam.options import Rho, SAMOptions
 from keras_sam.selection import selected
 
 
+class LookSAMState(keras.layers.Layer):
+    """LookSAM's stored direction g_v, one buffer per trainable variable of
+    the wrapped model. A layer of its own, so that weights files keep the
+    wrapped model's layout (see `SAMModel.save_weights`)."""
+
+    def __init__(self, variables, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.directions = [
+            self.add_weight(shape=v.shape, dtype=v.dtype, initializer="zeros",
+                            trainable=False, name="g_v_" + v.name,
+                            aggregation="only_first_replica")
+            for v in variables]
+        self.built = True
+
+    def call(self, inputs):
+        return inputs
+
+
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SAMModel(keras.Model):
     """Wraps a Keras model and trains it with Sharpness-Aware Minimization.
@@ -108,6 +126,11 @@ class SAMModel(keras.Model):
                 f"{type(model).__name__}. To train a single layer, wrap it: "
                 "`keras.Sequential([layer])`."
             )
+        if isinstance(model, SAMModel):
+            raise TypeError(
+                "`model` is already a SAMModel: wrapping it again would take "
+                "four gradients per step and perturb twice. Wrap the plain "
+                "model once: `SAMModel(sam_model.model, rho=...)`.")
         options = SAMOptions(
             rho=rho, p=p, adaptive=adaptive, eta=eta, gsam_alpha=gsam_alpha,
             sam_every=sam_every, looksam_alpha=looksam_alpha,
@@ -118,7 +141,7 @@ class SAMModel(keras.Model):
         self.model = model
         self.options = options
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
-        self._looksam_directions = None
+        self.looksam_state = None
         if model.built:
             self.built = True
             self.build_sam_state()
@@ -127,6 +150,12 @@ class SAMModel(keras.Model):
     def rho(self) -> Rho:
         """Radius of the perturbation ball (a float or a schedule)."""
         return self.options.rho
+
+    @property
+    def _looksam_directions(self) -> list | None:
+        """LookSAM's g_v, one buffer per trainable variable (or None)."""
+        return None if self.looksam_state is None else \
+            self.looksam_state.directions
 
     @property
     def sync_perturbation(self) -> bool:
@@ -154,14 +183,9 @@ class SAMModel(keras.Model):
         if variables:
             self.perturbed_mask(variables)
         if self.options.looksam_alpha is None or \
-                self._looksam_directions is not None or not variables:
+                self.looksam_state is not None or not variables:
             return
-        self._looksam_directions = [
-            self.add_weight(shape=v.shape, dtype=v.dtype,
-                            initializer="zeros", trainable=False,
-                            name="looksam_" + v.name,
-                            aggregation="only_first_replica")
-            for v in variables]
+        self.looksam_state = LookSAMState(variables, name="looksam_state")
 
     def build(self, input_shape=None):
         # The wrapped model builds itself on its first call, as it would
@@ -210,15 +234,64 @@ class SAMModel(keras.Model):
         return self.model.export(filepath, format=format, verbose=verbose,
                                  input_signature=input_signature, **kwargs)
 
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights (wrapped model, optimizer, variant state).
+
+        The file also reads as the wrapped model's own weights file:
+        `plain_model.load_weights(path)` loads it, so checkpoints written
+        during SAM training (`ModelCheckpoint(save_weights_only=True)`) go
+        straight to a model without keras_sam.
+        """
+        result = super().save_weights(filepath, overwrite=overwrite,
+                                      max_shard_size=max_shard_size)
+        if max_shard_size is None:
+            saving.link_plain_layout(self, filepath)
+        return result
+
+    def load_own_variables(self, store):
+        # A SAMModel has no variables of its own (the wrapped model and the
+        # variant state hold them); its weights files may name the wrapped
+        # model's own variables at the top (see `save_weights`).
+        if self._trainable_variables or self._non_trainable_variables:
+            super().load_own_variables(store)
+
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights saved from this SAMModel, or from the plain model
+        it wraps (`model.save_weights`): pretrained weights go straight into
+        SAM fine-tuning."""
+        if saving.is_plain_layout(self, filepath):
+            return self.model.load_weights(filepath,
+                                           skip_mismatch=skip_mismatch,
+                                           **kwargs)
         try:
             return super().load_weights(filepath, skip_mismatch=skip_mismatch,
                                         **kwargs)
         except ValueError as error:
             if not os.path.exists(filepath):
                 raise
+            try:   # a plain model's file that happens to have that group
+                return self.model.load_weights(filepath, **kwargs)
+            except ValueError:
+                pass
             raise ValueError(saving.describe_weight_mismatch(
                 self, filepath, error)) from error
+
+    def _assert_compile_called(self, method_name=None):
+        if not self.compiled:
+            raise ValueError(_keras_compat.compile_hint(self, method_name))
+        return super()._assert_compile_called(method_name)
+
+    def summary(self, *args, expand_nested: bool = True, **kwargs):
+        """Keras's summary with the wrapped model's layers expanded, then
+        SAM's settings."""
+        super().summary(*args, expand_nested=expand_nested, **kwargs)
+        print_fn = kwargs.get("print_fn") or print
+        defaults = SAMOptions()
+        settings = [f"rho={self.options.rho!r}"] + [
+            f"{k}={v!r}" for k, v in self.options.get_config().items()
+            if k != "rho" and v != getattr(defaults, k)]
+        print_fn(f"SAM settings: {', '.join(settings)}; wrapped model: "
+                 f"'{self.model.name}'")
 
     def get_config(self) -> dict:
         return {

@@ -34,6 +34,8 @@ import tensorflow as tf
 from keras import ops
 
 from keras_sam import _keras_compat, variants
+from keras_sam.backend import tf_replicas as replicas
+from keras_sam.backend import tf_splits as splits
 from keras_sam.perturbation import perturbation
 
 
@@ -64,18 +66,18 @@ def train_step(sam, data):
         y_pred, loss, grads = _clean_pass(sam, x, y, sample_weight)
         chunks = [(x, y, sample_weight, grads, None)]
     else:
-        y_pred, loss, grads, chunks = _clean_pass_in_chunks(
+        y_pred, loss, grads, chunks = splits.clean_pass_in_chunks(
             sam, x, y, sample_weight, options.splits, state_variables,
             state_before)
     sam._loss_tracker.update_state(
         _keras_compat.unscale_loss_for_distribution(loss),
-        sample_weight=_batch_size(x),
+        sample_weight=batch_size(x),
     )
     live = [i for i, g in enumerate(grads) if g is not None]
     live_variables = [variables[i] for i in live]
     ascent_ids = [i for i in live if perturbed_mask[i]]
     if dense:
-        grads = _densify(grads)
+        grads = densify(grads)
 
     # Per chunk: e(w) from the perturbed variables' gradient, from this
     # replica's shard, or from the whole batch when synchronized.
@@ -83,7 +85,7 @@ def train_step(sam, data):
     for _, _, _, chunk_grads, size in chunks:
         ascent = [chunk_grads[i] for i in ascent_ids]
         if sam.sync_perturbation:
-            ascent = _sum_over_replicas(ascent)
+            ascent = replicas.sum_over_replicas(ascent)
         rows = [_rows(g, densify=dense) for g in ascent]
         norm = _global_norm([v for v, _ in rows])
         ascents.append((rows, norm))
@@ -96,7 +98,7 @@ def train_step(sam, data):
     if others:   # unperturbed variables must be finite too
         finite = tf.logical_and(finite, tf.math.is_finite(
             _global_norm([_rows(g, densify=True)[0] for g in others])))
-    finite = _all_replicas(finite)
+    finite = replicas.all_replicas(finite)
     sam_step = (True if options.sam_every == 1 else
                 variants.is_sam_step(iteration, options.sam_every))
 
@@ -132,11 +134,11 @@ def train_step(sam, data):
             tape.watch(watched)
             with keras.StatelessScope(state_mapping=mapping,
                                       collect_losses=True):
-                _, perturbed_loss = _forward(sam, cx, cy, csw)
+                _, perturbed_loss = forward(sam, cx, cy, csw)
                 scaled = optimizer.scale_loss(perturbed_loss)
         sam_grads = tape.gradient(scaled, watched)
         if dense:
-            sam_grads = _densify(sam_grads)
+            sam_grads = densify(sam_grads)
         return ops.cast(perturbed_loss, "float32"), sam_grads
 
     def sam_update():
@@ -178,19 +180,20 @@ def train_step(sam, data):
                  if g is not None]
         optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
 
-    if _needs_merge_call():
+    if replicas.needs_merge_call():
         # The update cannot sit inside a conditional in replica context
         # (MirroredStrategy synchronizes through `merge_call`): pass 2 always
         # runs, and the skip is decided in cross-replica context.
         perturbed_loss, direction, new_directions = update_direction()
         if is_lso:
-            apply(_agree_on_overflow(direction, finite))
+            apply(replicas.agree_on_overflow(direction, finite))
         else:
-            _apply_if(finite, apply, direction)
+            replicas.apply_if(finite, apply, direction)
     else:
         def perturbed_step():
             perturbed_loss, direction, new_directions = update_direction()
-            apply(_agree_on_overflow(direction) if is_lso else direction)
+            apply(replicas.agree_on_overflow(direction) if is_lso
+                  else direction)
             return perturbed_loss, new_directions
 
         def skipped_step():
@@ -198,7 +201,8 @@ def train_step(sam, data):
                 # Hand over a gradient marked non-finite on every replica
                 # (some may have overflowed alone): the step is skipped
                 # everywhere and the loss scale drops.
-                apply(_scale_first([grads[i] for i in live], float("nan")))
+                apply(replicas.scale_first([grads[i] for i in live],
+                                           float("nan")))
             return tf.constant(float("nan")), directions_old
 
         # Pass 2 and the update share one branch, so the update compiles
@@ -210,7 +214,7 @@ def train_step(sam, data):
     if looksam:
         # g_v changes on SAM steps that were applied; replicas keep the mean
         # of their g_v, so that they all hold the same direction.
-        new_directions = _mean_over_replicas(new_directions)
+        new_directions = replicas.mean_over_replicas(new_directions)
         for i, new, old in zip(live, new_directions, directions_old):
             sam._looksam_directions[i].assign(
                 tf.where(took_sam_step, ops.cast(new, old.dtype), old))
@@ -222,7 +226,7 @@ def train_step(sam, data):
     counted = tf.logical_and(took_sam_step, tf.math.is_finite(sharpness))
     sam._sharpness_tracker.update_state(
         tf.where(counted, sharpness, 0.0),
-        sample_weight=tf.where(counted, ops.cast(_batch_size(x), "float32"),
+        sample_weight=tf.where(counted, ops.cast(batch_size(x), "float32"),
                                0.0),
     )
     return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -232,91 +236,12 @@ def _clean_pass(sam, x, y, sample_weight):
     """Pass 1 on the whole batch, with its state updates: (y_pred, loss,
     scaled gradients of every trainable variable)."""
     with tf.GradientTape() as tape:
-        y_pred, loss = _forward(sam, x, y, sample_weight)
+        y_pred, loss = forward(sam, x, y, sample_weight)
         scaled_loss = sam.optimizer.scale_loss(loss)
     return y_pred, loss, tape.gradient(scaled_loss, sam.trainable_variables)
 
 
-def _clean_pass_in_chunks(sam, x, y, sample_weight, splits, state_variables,
-                          state_before):
-    """Pass 1 on each of `splits` contiguous chunks of the batch, at w.
-
-    Each chunk runs from the state before the step; the state then moves
-    once: floating-point state (BatchNorm moving statistics) to the chunks'
-    size-weighted mean, other state (seeds) as the first chunk left it. The
-    reported loss is the size-weighted mean of the chunks' losses and the
-    metrics see the chunks' predictions together.
-
-    Returns (y_pred, loss, gradient = the chunks' weighted mean, chunks as
-    [(x_c, y_c, sample_weight_c, gradients_c, size_c)]).
-    """
-    variables = list(sam.trainable_variables)
-    n = _static_batch_size(x)
-    if n is None:
-        n = _batch_size(x)
-    bounds = _chunk_bounds(n, splits)
-    weights_now = [tf.identity(v.value) for v in variables]
-    cut = lambda tree, a, b: keras.tree.map_structure(  # noqa: E731
-        lambda t: None if t is None else t[a:b], tree)
-    chunks, preds, losses, states = [], [], [], []
-    for a, b in bounds:
-        cx, cy = cut(x, a, b), cut(y, a, b)
-        csw = None if sample_weight is None else cut(sample_weight, a, b)
-        mapping = list(zip(variables, weights_now))
-        mapping += list(zip(state_variables, state_before))
-        with tf.GradientTape() as tape:
-            tape.watch(weights_now)
-            with keras.StatelessScope(state_mapping=mapping,
-                                      collect_losses=True) as scope:
-                y_pred, loss = _forward(sam, cx, cy, csw)
-                scaled = sam.optimizer.scale_loss(loss)
-            states.append([_current(scope, v, old) for v, old in
-                           zip(state_variables, state_before)])
-        chunks.append((cx, cy, csw, tape.gradient(scaled, weights_now),
-                       ops.cast(b - a, "float32")))
-        preds.append(y_pred)
-        losses.append(ops.cast(loss, "float32"))
-    sizes = [c[4] for c in chunks]
-    for k, v in enumerate(state_variables):
-        if v.dtype.startswith("float"):
-            v.assign(variants.weighted_mean([[s[k]] for s in states],
-                                            sizes)[0])
-        else:
-            v.assign(states[0][k])
-    y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0),
-                                      *preds)
-    # Per-output loss trackers, which the stateless chunks did not update.
-    sam._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                      training=True)
-    loss = variants.weighted_mean([[lo] for lo in losses], sizes)[0]
-    grads = variants.weighted_mean(
-        [_densify(c[3]) for c in chunks], sizes)
-    live = [g is not None for g in chunks[0][3]]
-    grads = [g if ok else None for g, ok in zip(grads, live)]
-    chunks = [(cx, cy, csw, _densify(g), size)
-              for cx, cy, csw, g, size in chunks]
-    return y_pred, loss, grads, chunks
-
-
-def _current(scope, variable, default):
-    value = scope.get_current_value(variable)
-    return default if value is None else value
-
-
-def _chunk_bounds(n, splits):
-    if isinstance(n, int):   # static batch: Python bounds, XLA-friendly
-        base, extra = divmod(n, splits)
-        bounds, start = [], 0
-        for c in range(splits):
-            stop = start + base + (1 if c < extra else 0)
-            if stop > start:   # a batch smaller than `splits`
-                bounds.append((start, stop))
-            start = stop
-        return bounds
-    return variants.chunk_bounds(n, splits)
-
-
-def _densify(grads):
+def densify(grads):
     """Gradients with `tf.IndexedSlices` made dense (None stays None)."""
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
             for g in grads]
@@ -328,7 +253,7 @@ def _weight_rows(variable, indices):
     return value if indices is None else tf.gather(value, indices)
 
 
-def _forward(sam, x, y, sample_weight):
+def forward(sam, x, y, sample_weight):
     """y_pred and the training loss (compiled loss plus `model.losses`)."""
     y_pred = sam(x, training=True)
     loss = sam._compute_loss(
@@ -345,109 +270,6 @@ def _global_norm(tensors) -> tf.Tensor:
     halves = [tf.nn.l2_loss(t if t.dtype == tf.float32
                             else tf.cast(t, tf.float32)) for t in tensors]
     return tf.sqrt(2.0 * tf.add_n(halves))
-
-
-def _needs_merge_call() -> bool:
-    """Whether the strategy synchronizes updates through `merge_call`."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return False
-    return not tf.__internal__.distribute.strategy_supports_no_merge_call()
-
-
-def _apply_if(flag, apply, grads) -> None:
-    """`apply(grads)` on every replica when `flag` (equal on all replicas)
-    holds, decided in cross-replica context as the strategy requires."""
-
-    def cross_replica(strategy, flag, grads):
-        decision = strategy.experimental_local_results(flag)[0]
-        tf.cond(
-            decision,
-            lambda: strategy.extended.call_for_each_replica(
-                apply, args=(grads,)),
-            lambda: None,
-        )
-
-    tf.distribute.get_replica_context().merge_call(
-        cross_replica, args=(flag, grads))
-
-
-def _all_replicas(flag: tf.Tensor) -> tf.Tensor:
-    """True only where `flag` is true on every replica.
-
-    Each replica takes or skips the step together with the others: a replica
-    that skipped would leave the others waiting in the gradient all-reduce.
-    """
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return flag
-    dissent = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                             1.0 - tf.cast(flag, tf.float32))
-    return dissent < 0.5
-
-
-def _mean_over_replicas(tensors):
-    """All-reduce (MEAN) across replicas; a no-op on one replica."""
-    ctx = tf.distribute.get_replica_context()
-    if not tensors or ctx is None or ctx.num_replicas_in_sync == 1:
-        return tensors
-    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tensors)
-
-
-def _sum_over_replicas(grads):
-    """All-reduce (SUM) of per-replica gradients: Keras already divides each
-    replica's loss by the replica count, so the sum is the full-batch
-    gradient. A no-op outside a multi-replica strategy."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return grads
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-
-def _agree_on_overflow(grads, pass1_finite=True):
-    """Make an overflow on any replica (or in pass 1, where `pass1_finite`
-    is False) visible to the LossScaleOptimizer on every replica.
-
-    Keras's LossScaleOptimizer decides per replica (or, on strategies that
-    need `merge_call`, from replica 0 alone) whether the gradient overflowed;
-    an overflow on another replica would then reach the all-reduced update.
-    Here a NaN is planted in the first gradient of every replica when any
-    replica overflowed, so all of them skip the step together. Multiplying
-    by 1.0 otherwise leaves the gradient bit for bit as it was. On one
-    replica there is nothing to agree on: the gradients come back unchanged
-    (only the multi-replica path passes `pass1_finite`).
-    """
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return grads
-    present = [g for g in grads if g is not None]
-    if not present:
-        return grads
-    ok = tf.logical_and(pass1_finite, _all_replicas(_all_finite(present)))
-    return _scale_first(grads, tf.where(ok, 1.0, float("nan")))
-
-
-def _scale_first(grads, factor):
-    """`grads` with its first gradient multiplied by the scalar `factor`."""
-    grads = list(grads)
-    first = next(i for i, g in enumerate(grads) if g is not None)
-    g = grads[first]
-    if isinstance(g, tf.IndexedSlices):
-        grads[first] = tf.IndexedSlices(
-            g.values * tf.cast(factor, g.values.dtype), g.indices,
-            g.dense_shape)
-    else:
-        grads[first] = g * tf.cast(factor, g.dtype)
-    return grads
-
-
-def _all_finite(grads) -> tf.Tensor:
-    checks = [
-        tf.reduce_all(tf.math.is_finite(
-            g.values if isinstance(g, tf.IndexedSlices) else g))
-        for g in grads
-    ]
-    return tf.reduce_all(tf.stack(checks))
 
 
 def _rows(grad, densify: bool):
@@ -469,11 +291,11 @@ def _rows(grad, densify: bool):
     return values, unique
 
 
-def _static_batch_size(x):
+def static_batch_size(x):
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     return first.shape[0]
 
 
-def _batch_size(x):
+def batch_size(x):
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     return tf.shape(first)[0]
