@@ -1,6 +1,6 @@
 """What each SAM variant buys on MNIST-1D: test accuracy, sharpness, time.
 
-    python benchmarks/generalization.py                 # full run (~1 hour)
+    python benchmarks/generalization.py                 # full run (~45 min)
     python benchmarks/generalization.py --quick         # 1 seed, short runs
     python benchmarks/generalization.py --report        # table + plot again
                                                         # from the last run
@@ -12,9 +12,9 @@ another class; validation and test labels stay clean) and two networks (an
 MLP and the 1-D convnet of examples/mnist1d_sam.py), all trained with SGD +
 momentum 0.9 and a cosine learning rate from 0.05, batch 100.
 
-For every variant rho is chosen on the validation split, with seed 0, from
-its own grid; never on the test set. The chosen rho is then trained with
-every seed (seed 0's run is reused). Per setting the table gives test
+For every variant rho (and LookSAM's alpha) is chosen on the validation
+split, with seed 0, from its own grid; never on the test set. The choice is
+then trained with every seed (seed 0's run is reused). Per setting the table gives test
 accuracy (mean and spread over seeds), the sharpness of the final weights
 (keras_sam.analysis.sharpness at rho = 0.05 on 2000 training signals),
 training time relative to the base optimizer and the number of seeds on
@@ -51,14 +51,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 SAM_GRID = [0.02, 0.05, 0.1, 0.2]
 VARIANTS = {
-    # name: (SAMModel arguments without rho, rho grid); None: base optimizer
-    "SGD": (None, [None]),
-    "SAM": ({}, SAM_GRID),
-    "ASAM": ({"adaptive": True}, [0.2, 0.5, 1.0, 2.0]),
-    "GSAM (alpha=0.2)": ({"gsam_alpha": 0.2}, SAM_GRID),
-    "SAM every 4th step": ({"sam_every": 4}, SAM_GRID),
-    "LookSAM (k=5, alpha=0.7)": ({"sam_every": 5, "looksam_alpha": 0.7},
-                                 SAM_GRID),
+    # name: (SAMModel arguments, grid of {argument: value} chosen on the
+    # validation split); None: the base optimizer
+    "SGD": (None, [{}]),
+    "SAM": ({}, [{"rho": r} for r in SAM_GRID]),
+    "ASAM": ({"adaptive": True}, [{"rho": r} for r in (0.2, 0.5, 1.0, 2.0)]),
+    "GSAM (alpha=0.2)": ({"gsam_alpha": 0.2},
+                         [{"rho": r} for r in SAM_GRID]),
+    "SAM every 4th step": ({"sam_every": 4}, [{"rho": r} for r in SAM_GRID]),
+    "LookSAM (k=5)": ({"sam_every": 5},
+                      [{"rho": r, "looksam_alpha": a} for r in SAM_GRID
+                       for a in (0.2, 0.7)]),
 }
 
 
@@ -72,12 +75,13 @@ def datasets(noise):
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 
-def train_once(model_name, kwargs, rho, data, seed, epochs, batch_size=100):
+def train_once(model_name, kwargs, chosen, data, seed, epochs,
+               batch_size=100):
     (x, y), (x_val, y_val), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     model = MODELS[model_name](x.shape[1:])
     trained = model if kwargs is None else keras_sam.SAMModel(
-        model, rho=rho, **kwargs)
+        model, **kwargs, **chosen)
     steps = epochs * int(np.ceil(len(x) / batch_size))
     trained.compile(
         optimizer=keras.optimizers.SGD(
@@ -93,7 +97,7 @@ def train_once(model_name, kwargs, rho, data, seed, epochs, batch_size=100):
     sharp = keras_sam.analysis.sharpness(trained, x[:2000], y[:2000],
                                          rho=0.05, batch_size=100)
     return {"val_acc": val_acc, "test_acc": test_acc, "sharpness": sharp,
-            "seconds": seconds, "rho": rho, "seed": seed}
+            "seconds": seconds, "chosen": chosen, "seed": seed}
 
 
 def run(args):
@@ -106,17 +110,18 @@ def run(args):
             for name, (kwargs, grid) in VARIANTS.items():
                 if args.variants and name not in args.variants:
                     continue
-                # rho on the validation split, seed 0.
-                trials = [train_once(model_name, kwargs, rho, data, 0,
-                                     args.epochs) for rho in grid]
+                # The settings on the validation split, seed 0.
+                trials = [train_once(model_name, kwargs, chosen, data, 0,
+                                     args.epochs) for chosen in grid]
                 best = max(trials, key=lambda r: r["val_acc"])
                 runs = [best] + [
-                    train_once(model_name, kwargs, best["rho"], data, seed,
-                               args.epochs) for seed in range(1, args.seeds)]
+                    train_once(model_name, kwargs, best["chosen"], data,
+                               seed, args.epochs)
+                    for seed in range(1, args.seeds)]
                 results[key][name] = {
-                    "grid": [(t["rho"], t["val_acc"]) for t in trials],
+                    "grid": [(t["chosen"], t["val_acc"]) for t in trials],
                     "runs": runs}
-                print(f"{key} | {name}: rho={best['rho']} test "
+                print(f"{key} | {name}: {best['chosen']} test "
                       f"{np.mean([r['test_acc'] for r in runs]):.4f}",
                       flush=True)
     RESULTS.mkdir(exist_ok=True)
@@ -137,8 +142,8 @@ def report(meta, results):
         base_time = np.mean([r["seconds"] for r in base_runs]) \
             if base_runs else float("nan")
         print(f"\n{key}\n")
-        print("| optimizer | rho | test acc | sharpness | time / SGD | "
-              "seeds won vs SGD |")
+        print("| optimizer | chosen on validation | test acc | sharpness | "
+              "time / SGD | seeds won vs SGD |")
         print("|---|---|---|---|---|---|")
         for name, entry in variants.items():
             runs = entry["runs"]
@@ -148,8 +153,9 @@ def report(meta, results):
             won = "" if name == "SGD" or not base_runs else "{}/{}".format(
                 sum(a > b["test_acc"] for a, b in zip(acc, base_runs)),
                 len(runs))
-            rho = "" if runs[0]["rho"] is None else f"{runs[0]['rho']:g}"
-            print(f"| {name} | {rho} | {acc.mean():.4f} +- {acc.std():.4f} "
+            chosen = ", ".join(f"{k}={v:g}" for k, v in
+                               runs[0]["chosen"].items())
+            print(f"| {name} | {chosen} | {acc.mean():.4f} +- {acc.std():.4f} "
                   f"| {sharp.mean():.4f} | {rel:.2f} | {won} |")
     plot(results)
 

@@ -5,7 +5,7 @@
     sam_model.fit(x, y)
 """
 
-from keras_sam import analysis, schedules, selection, variants
+from keras_sam import analysis, callbacks, schedules, selection, variants
 from keras_sam.model import SAMModel
 from keras_sam.perturbation import global_norm, perturbation, sam_perturbation
 from keras_sam.saving import load_model
@@ -13,6 +13,6 @@ from keras_sam.saving import load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAMModel", "analysis", "global_norm", "load_model", "perturbation",
+    "SAMModel", "analysis", "callbacks", "global_norm", "load_model", "perturbation",
     "sam_perturbation", "schedules", "selection", "variants", "__version__",
 ]

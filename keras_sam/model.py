@@ -16,7 +16,7 @@ from keras_sam.selection import selected
 
 class LookSAMState(keras.layers.Layer):
     """LookSAM's stored direction g_v, one buffer per trainable variable of
-    the wrapped model. A layer of its own, so that weights files keep the
+    the wrapped model, and its norm. A layer of its own, so that weights files keep the
     wrapped model's layout (see `SAMModel.save_weights`)."""
 
     def __init__(self, variables, **kwargs):
@@ -26,6 +26,11 @@ class LookSAMState(keras.layers.Layer):
                             trainable=False, name="g_v_" + v.name,
                             aggregation="only_first_replica")
             for v in variables]
+        # ||g_v||, kept with g_v: the steps in between need only this.
+        self.norm = self.add_weight(shape=(), dtype="float32",
+                                    initializer="zeros", trainable=False,
+                                    name="g_v_norm",
+                                    aggregation="only_first_replica")
         self.built = True
 
     def call(self, inputs):

@@ -74,9 +74,18 @@ def looksam_component(grads: Sequence, sam_grads: Sequence) -> list:
     return _axpy(-c, grads, list(sam_grads))
 
 
-def looksam_direction(grads: Sequence, g_v: Sequence, alpha) -> list:
-    """d = g + alpha * (||g|| / ||g_v||) * g_v; g when g_v is zero."""
-    ratio = _safe_ratio(global_norm(grads), global_norm(g_v))
+def looksam_direction(grads: Sequence, g_v: Sequence, alpha,
+                      grad_norm=None, direction_norm=None) -> list:
+    """d = g + alpha * (||g|| / ||g_v||) * g_v; g when g_v is zero.
+
+    `grad_norm` = ||g|| and `direction_norm` = ||g_v||, when the caller
+    already has them (each saves a pass over the weights).
+    """
+    grad_norm = global_norm(grads) if grad_norm is None else grad_norm
+    direction_norm = (global_norm(g_v) if direction_norm is None
+                      else direction_norm)
+    ratio = _safe_ratio(ops.cast(grad_norm, "float32"),
+                        ops.cast(direction_norm, "float32"))
     return _axpy(ops.cast(alpha, "float32") * ratio, g_v, list(grads))
 
 

@@ -36,7 +36,7 @@ from keras import ops
 from keras_sam import _keras_compat, variants
 from keras_sam.backend import tf_replicas as replicas
 from keras_sam.backend import tf_splits as splits
-from keras_sam.perturbation import perturbation
+from keras_sam.perturbation import global_norm, perturbation
 
 
 def train_step(sam, data):
@@ -54,7 +54,11 @@ def train_step(sam, data):
             "model (`layer.trainable = True`) before calling `fit`."
         )
     perturbed_mask = sam.perturbed_mask(variables)
-    state_variables = list(sam.non_trainable_variables)
+    # Layer state (BatchNorm statistics, seeds), not LookSAM's own buffers.
+    own = ({id(v) for v in sam.looksam_state.weights}
+           if sam.looksam_state is not None else set())
+    state_variables = [v for v in sam.non_trainable_variables
+                       if id(v) not in own]
     # State before pass 1 (seeds, moving statistics): pass 2 starts from it.
     state_before = [tf.identity(v.value) for v in state_variables]
     iteration = optimizer.iterations
@@ -104,9 +108,10 @@ def train_step(sam, data):
 
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     looksam = options.looksam_alpha is not None
-    directions_old = ([tf.identity(v.value) for v in
-                       (sam._looksam_directions[i] for i in live)]
-                      if looksam else [])
+    stored = [sam._looksam_directions[i] for i in live] if looksam else []
+    # On one replica g_v is written inside the SAM branch; several replicas
+    # average theirs first, outside any conditional.
+    average_directions = looksam and replicas.num_replicas() > 1
 
     def second_pass(chunk, rows, norm):
         """(L(w + e), g_sam) of one chunk, from the state pass 1 saw."""
@@ -157,17 +162,31 @@ def train_step(sam, data):
         if options.gsam_alpha > 0.0:
             direction = variants.gsam_direction(clean, sam_grads,
                                                 options.gsam_alpha)
-        new_directions = (variants.looksam_component(clean, sam_grads)
-                          if looksam else [])
+        new_directions = []
+        if looksam:
+            new_directions = variants.looksam_component(clean, sam_grads)
+            if not average_directions:
+                for v, new in zip(stored, new_directions):
+                    v.assign(ops.cast(new, v.dtype))
+                sam.looksam_state.norm.assign(global_norm(new_directions))
+                new_directions = []
         return perturbed_loss, direction, new_directions
+
+    def old_directions():
+        return [v.value for v in stored] if average_directions else []
 
     def one_pass_update():
         """No pass 2: the clean gradient, or LookSAM's g + stored g_v."""
         clean = [grads[i] for i in live]
         if looksam:
-            clean = variants.looksam_direction(clean, directions_old,
-                                               options.looksam_alpha)
-        return tf.constant(float("nan")), clean, directions_old
+            # ||g|| is the norm already taken when all of g is perturbed.
+            known = (ascents[0][1] if len(ascent_ids) == len(live)
+                     and len(chunks) == 1 and not sam.sync_perturbation
+                     else None)
+            clean = variants.looksam_direction(
+                clean, [v.value for v in stored], options.looksam_alpha,
+                grad_norm=known, direction_norm=sam.looksam_state.norm)
+        return tf.constant(float("nan")), clean, old_directions()
 
     def update_direction():
         if sam_step is True:
@@ -203,7 +222,7 @@ def train_step(sam, data):
                 # everywhere and the loss scale drops.
                 apply(replicas.scale_first([grads[i] for i in live],
                                            float("nan")))
-            return tf.constant(float("nan")), directions_old
+            return tf.constant(float("nan")), old_directions()
 
         # Pass 2 and the update share one branch, so the update compiles
         # exactly as in Keras's own train_step.
@@ -211,13 +230,15 @@ def train_step(sam, data):
                                                  skipped_step)
 
     took_sam_step = tf.logical_and(finite, sam_step)
-    if looksam:
+    if average_directions:
         # g_v changes on SAM steps that were applied; replicas keep the mean
         # of their g_v, so that they all hold the same direction.
         new_directions = replicas.mean_over_replicas(new_directions)
-        for i, new, old in zip(live, new_directions, directions_old):
-            sam._looksam_directions[i].assign(
-                tf.where(took_sam_step, ops.cast(new, old.dtype), old))
+        for v, new in zip(stored, new_directions):
+            v.assign(tf.where(took_sam_step, ops.cast(new, v.dtype), v.value))
+        norm = sam.looksam_state.norm
+        norm.assign(tf.where(took_sam_step, global_norm(new_directions),
+                             norm.value))
 
     # sharpness = L(w + e) - L(w), first order, from the two passes.
     sharpness = _keras_compat.unscale_loss_for_distribution(

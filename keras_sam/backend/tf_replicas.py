@@ -10,6 +10,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def num_replicas() -> int:
+    """The replicas in sync in the current replica context (1 outside)."""
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
 def needs_merge_call() -> bool:
     """Whether the strategy synchronizes updates through `merge_call`."""
     ctx = tf.distribute.get_replica_context()

@@ -2,7 +2,11 @@
 
 The sharpness of the loss L at weights w, for a ball of radius rho, is
 
-    S_rho(w) = max_{||e||_2 <= rho} L(w + e) - L(w).
+    S_rho(w) = max_{||e||_2 <= rho} L(w + e) - L(w),
+
+or, with `adaptive=True`, over ASAM's scale-invariant ball
+||e / T||_2 <= rho with T = |w| + eta (rescaling a layer's weights and
+undoing it in the next layer leaves this sharpness unchanged).
 
 `sharpness` estimates it batch by batch (m-sharpness, m = batch_size): the
 inner maximum is approached by `ascent_steps` normalized gradient-ascent
@@ -28,6 +32,8 @@ def sharpness(
     ascent_steps: int = 1,
     sample_weight=None,
     steps: int | None = None,
+    adaptive: bool = False,
+    eta: float = 0.01,
 ) -> float:
     """Mean over batches of max_{||e||_2 <= rho} L_B(w + e) - L_B(w).
 
@@ -46,6 +52,9 @@ def sharpness(
             each, projected onto the ball; 1 gives SAM's e = rho g / ||g||.
         sample_weight: optional per-example weights for the loss (arrays).
         steps: how many batches to use; None for all.
+        adaptive: measure over ASAM's ball ||e / T||_2 <= rho,
+            T = |w| + eta (use ASAM's larger rho, e.g. 0.5 to 2).
+        eta: ASAM's offset in T.
 
     Returns:
         The estimate, averaged over batches with weights equal to their sizes.
@@ -70,6 +79,11 @@ def sharpness(
             "`model` must be compiled with a loss: sharpness is measured on "
             "the compiled loss. Call `model.compile(loss=...)` first.")
 
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"`adaptive` must be True or False; received "
+                        f"{adaptive!r}.")
+    if not eta >= 0:
+        raise ValueError(f"`eta` must be >= 0; received {eta!r}.")
     variables = list(model.trainable_variables)
 
     def loss_at(values, xb, yb, swb):
@@ -81,22 +95,28 @@ def sharpness(
     @tf.function(reduce_retracing=True)
     def batch_sharpness(xb, yb, swb):
         w = [tf.identity(v.value) for v in variables]
+        # T = |w| + eta for the adaptive ball, 1 otherwise; the ascent runs
+        # in the coordinates e' = e / T, where the ball is round.
+        scale = ([tf.abs(t) + eta for t in w] if adaptive
+                 else [tf.ones_like(t) for t in w])
         clean = loss_at(w, xb, yb, swb)
-        e = [tf.zeros_like(t) for t in w]
+        e = [tf.zeros_like(t) for t in w]       # e', in scaled coordinates
         for _ in range(ascent_steps):
             with tf.GradientTape() as tape:
-                point = [t + d for t, d in zip(w, e)]
+                point = [t + s * d for t, s, d in zip(w, scale, e)]
                 tape.watch(point)
                 loss = loss_at(point, xb, yb, swb)
-            g = [tf.zeros_like(t) if gi is None else tf.convert_to_tensor(gi)
-                 for t, gi in zip(w, tape.gradient(loss, point))]
-            # Step of length rho / ascent_steps along g / ||g||, ...
+            g = [s * (tf.zeros_like(t) if gi is None
+                      else tf.convert_to_tensor(gi))
+                 for t, s, gi in zip(w, scale, tape.gradient(loss, point))]
+            # Step of length rho / ascent_steps along Tg / ||Tg||, ...
             step = l2_scale(global_norm(g), rho / ascent_steps)
             e = [d + gi * tf.cast(step, gi.dtype) for d, gi in zip(e, g)]
-            # ... then back onto the ball ||e|| <= rho.
+            # ... then back onto the ball ||e'|| <= rho.
             shrink = tf.minimum(1.0, l2_scale(global_norm(e), rho))
             e = [d * tf.cast(shrink, d.dtype) for d in e]
-        perturbed = loss_at([t + d for t, d in zip(w, e)], xb, yb, swb)
+        perturbed = loss_at([t + s * d for t, s, d in zip(w, scale, e)],
+                            xb, yb, swb)
         return tf.cast(perturbed - clean, tf.float64)
 
     total, count = 0.0, 0

@@ -1,0 +1,90 @@
+"""What the analysis tools share: checking the model and the data, and
+averaging per-batch results over a whole dataset in float64."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_sam import _keras_compat
+
+
+def check_model(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a compiled keras.Model; received "
+                        f"{type(model).__name__}.")
+    if not model.compiled or model.loss is None:
+        raise ValueError(
+            "`model` must be compiled with a loss: the analysis measures the "
+            "compiled loss. Call `model.compile(loss=...)` first.")
+    if not model.trainable_variables:
+        raise ValueError(f"'{model.name}' has no trainable variables.")
+
+
+def functions(model):
+    """The backend's loss / gradient / Hessian-vector product of `model`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_sam.backend.tf_analysis import ModelFunctions
+
+        return ModelFunctions(model)
+    raise NotImplementedError(
+        f"keras_sam.analysis runs on the TensorFlow backend; the active "
+        f"backend is '{backend}'.")
+
+
+class Data:
+    """Re-iterable (x, y, sample_weight) batches of anything `evaluate`
+    takes, so that a dataset larger than memory is streamed on each pass."""
+
+    def __init__(self, x, y=None, sample_weight=None, batch_size=128,
+                 steps=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+                or batch_size < 1:
+            raise ValueError("`batch_size` must be a positive int; received "
+                             f"{batch_size!r}.")
+        self.args = (x, y, sample_weight, batch_size)
+        self.steps = steps
+
+    def __iter__(self):
+        for i, batch in enumerate(_keras_compat.batches(*self.args)):
+            if self.steps is not None and i >= self.steps:
+                return
+            yield batch
+
+    def mean(self, per_batch):
+        """Example-weighted mean over all batches of `per_batch(x, y, sw)`
+        (a scalar or a list of tensors), in float64."""
+        total, count = None, 0
+        for xb, yb, swb in self:
+            n = int(keras.ops.shape(keras.tree.flatten(xb)[0])[0])
+            if n == 0:
+                continue
+            if yb is None:
+                raise ValueError(
+                    "No labels: pass `y` with array inputs, or data that "
+                    "yields (x, y) batches.")
+            out = keras.tree.map_structure(
+                lambda t: np.asarray(t, np.float64) * n, per_batch(xb, yb, swb))
+            total = out if total is None else keras.tree.map_structure(
+                np.add, total, out)
+            count += n
+        if count == 0:
+            raise ValueError(
+                "The data holds no examples: the analysis needs at least "
+                "one batch.")
+        return keras.tree.map_structure(lambda t: t / count, total)
+
+
+def flatten(arrays) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(a, np.float64))
+                           for a in arrays])
+
+
+def unflatten(vector, like) -> list:
+    out, start = [], 0
+    for w in like:
+        size = int(np.prod(w.shape))
+        out.append(vector[start:start + size].reshape(tuple(w.shape)))
+        start += size
+    return out
