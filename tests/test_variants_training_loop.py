@@ -8,6 +8,7 @@ import pytest
 import keras_sam
 import reference
 from conftest import bn_mlp, regression_data, tanh_mlp, weights64
+from test_saving import _StopAt
 from test_training_loop import _embedding_model, _mixed_mlp, _token_batches
 
 COMBINED = dict(adaptive=True, rho=0.5, gsam_alpha=0.3, sam_every=2,
@@ -204,16 +205,6 @@ def test_a_lambda_predicate_saves_and_loads_with_safe_mode_off(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "run.keras", safe_mode=False)
     variables = loaded.model.trainable_variables
     assert loaded.perturbed_mask(variables) == [True, False, True, False]
-
-
-class _StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
 
 
 def test_backup_and_restore_resumes_looksam_bit_for_bit(tmp_path):

@@ -38,6 +38,10 @@ def plot_landscape_1d(curves: dict, path=None, title: str | None = None,
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _finish(fig, ax, title, path)
+
+
+def _finish(fig, ax, title, path):
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -75,9 +79,4 @@ def plot_landscape_2d(result: dict, path=None, kind: str = "contour",
         ax.set_xlabel("direction 1")
         ax.set_ylabel("direction 2")
         ax.set_zlabel("loss")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-    return fig
+    return _finish(fig, ax, title, path)
