@@ -225,3 +225,11 @@ def test_backup_and_restore_resumes_looksam_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_looksam_state(reference_run), _looksam_state(resumed)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_looksam_keeps_exactly_one_copy_of_the_trainable_weights():
+    sam = keras_sam.SAMModel(bn_mlp(), sam_every=3, looksam_alpha=0.5)
+    size = lambda vs: sum(int(np.prod(v.shape)) for v in vs)  # noqa: E731
+    assert size(sam._looksam_directions) == size(sam.trainable_variables)
+    assert size(sam.looksam_state.weights) == \
+        size(sam.trainable_variables) + 1        # and ||g_v||

@@ -34,6 +34,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_sam import _keras_compat, variants
+from keras_sam.backend import tf_gradients as gradients
 from keras_sam.backend import tf_replicas as replicas
 from keras_sam.backend import tf_splits as splits
 from keras_sam.perturbation import global_norm, perturbation
@@ -81,7 +82,7 @@ def train_step(sam, data):
     live_variables = [variables[i] for i in live]
     ascent_ids = [i for i in live if perturbed_mask[i]]
     if dense:
-        grads = densify(grads)
+        grads = gradients.densify(grads)
 
     # Per chunk: e(w) from the perturbed variables' gradient, from this
     # replica's shard, or from the whole batch when synchronized.
@@ -90,8 +91,8 @@ def train_step(sam, data):
         ascent = [chunk_grads[i] for i in ascent_ids]
         if sam.sync_perturbation:
             ascent = replicas.sum_over_replicas(ascent)
-        rows = [_rows(g, densify=dense) for g in ascent]
-        norm = _global_norm([v for v, _ in rows])
+        rows = [gradients.rows(g, densify=dense) for g in ascent]
+        norm = gradients.fused_norm([v for v, _ in rows])
         ascents.append((rows, norm))
         chunk_finite = tf.math.is_finite(norm)
         if size is not None:   # an empty chunk (batch < splits) is left out
@@ -101,7 +102,8 @@ def train_step(sam, data):
     others = [grads[i] for i in live if not perturbed_mask[i]]
     if others:   # unperturbed variables must be finite too
         finite = tf.logical_and(finite, tf.math.is_finite(
-            _global_norm([_rows(g, densify=True)[0] for g in others])))
+            gradients.fused_norm([getattr(g, "values", g)
+                                  for g in others])))
     finite = replicas.all_replicas(finite)
     sam_step = (True if options.sam_every == 1 else
                 variants.is_sam_step(iteration, options.sam_every))
@@ -119,7 +121,7 @@ def train_step(sam, data):
         values = [v for v, _ in rows]
         weights = None
         if options.adaptive:
-            weights = [_weight_rows(variables[i], idx)
+            weights = [gradients.weight_rows(variables[i], idx)
                        for i, (_, idx) in zip(ascent_ids, rows)]
         eps = perturbation(values, rho, p=options.p, weights=weights,
                            eta=options.eta, grad_norm=norm)
@@ -143,7 +145,7 @@ def train_step(sam, data):
                 scaled = optimizer.scale_loss(perturbed_loss)
         sam_grads = tape.gradient(scaled, watched)
         if dense:
-            sam_grads = densify(sam_grads)
+            sam_grads = gradients.densify(sam_grads)
         return ops.cast(perturbed_loss, "float32"), sam_grads
 
     def sam_update():
@@ -262,18 +264,6 @@ def _clean_pass(sam, x, y, sample_weight):
     return y_pred, loss, tape.gradient(scaled_loss, sam.trainable_variables)
 
 
-def densify(grads):
-    """Gradients with `tf.IndexedSlices` made dense (None stays None)."""
-    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-            for g in grads]
-
-
-def _weight_rows(variable, indices):
-    """w, or its rows at `indices` for a sparse gradient's rows."""
-    value = variable.value
-    return value if indices is None else tf.gather(value, indices)
-
-
 def forward(sam, x, y, sample_weight):
     """y_pred and the training loss (compiled loss plus `model.losses`)."""
     y_pred = sam(x, training=True)
@@ -281,35 +271,6 @@ def forward(sam, x, y, sample_weight):
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
     return y_pred, loss
-
-
-def _global_norm(tensors) -> tf.Tensor:
-    """||g||_2 with TensorFlow's fused sum of squares (`tf.nn.l2_loss`, no
-    temporary g^2), accumulated in float32."""
-    if not tensors:
-        return tf.zeros((), tf.float32)
-    halves = [tf.nn.l2_loss(t if t.dtype == tf.float32
-                            else tf.cast(t, tf.float32)) for t in tensors]
-    return tf.sqrt(2.0 * tf.add_n(halves))
-
-
-def _rows(grad, densify: bool):
-    """(values, indices) of a gradient: indices is None for a dense one.
-
-    A sparse gradient (`tf.IndexedSlices`, from an Embedding) may list a row
-    several times; its rows are summed per unique index, so that its norm and
-    its perturbation are those of the dense gradient without building the
-    dense table. Under XLA (no dynamic shapes) it is densified instead.
-    """
-    if not isinstance(grad, tf.IndexedSlices):
-        return grad, None
-    if densify:
-        return tf.convert_to_tensor(grad), None
-    unique, positions = tf.unique(grad.indices)
-    values = tf.math.unsorted_segment_sum(
-        grad.values, positions, tf.shape(unique)[0]
-    )
-    return values, unique
 
 
 def static_batch_size(x):

@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_sam import variants
 from keras_sam.backend import tensorflow as step
+from keras_sam.backend import tf_gradients as gradients
 
 
 def clean_pass_in_chunks(sam, x, y, sample_weight, splits, state_variables,
@@ -66,11 +67,11 @@ def clean_pass_in_chunks(sam, x, y, sample_weight, splits, state_variables,
     loss = variants.weighted_mean([[lo] for lo in losses], sizes)[0]
     live = [i for i, g in enumerate(chunks[0][3]) if g is not None]
     mean = variants.weighted_mean(
-        [[step.densify(c[3])[i] for i in live] for c in chunks], sizes)
+        [[gradients.densify(c[3])[i] for i in live] for c in chunks], sizes)
     grads = [None] * len(variables)
     for i, g in zip(live, mean):
         grads[i] = g
-    chunks = [(cx, cy, csw, step.densify(g), size)
+    chunks = [(cx, cy, csw, gradients.densify(g), size)
               for cx, cy, csw, g, size in chunks]
     return y_pred, loss, grads, chunks
 
