@@ -109,12 +109,16 @@ def main(argv=None):
               for name, m in models.items()}
     analysis.plot_landscape_1d(curves, args.out / "landscape_1d.png",
                                title="one filter-normalized direction")
-    for (name, model), tag in zip(models.items(), ("sgd", "sam")):
-        grid = analysis.loss_landscape(model, probe_x, probe_y, dims=2,
-                                       batch_size=500,
-                                       resolution=max(5, args.resolution // 2))
+    grids = {name: analysis.loss_landscape(
+        model, probe_x, probe_y, dims=2, batch_size=500,
+        resolution=max(5, args.resolution // 2))
+        for name, model in models.items()}
+    # One colour scale for both maps, so that they compare.
+    top = max(float(g["losses"].max()) for g in grids.values())
+    levels = np.linspace(0.0, top, 21)
+    for (name, grid), tag in zip(grids.items(), ("sgd", "sam")):
         analysis.plot_landscape_2d(grid, args.out / f"landscape_2d_{tag}.png",
-                                   title=name)
+                                   title=name, levels=levels)
     sgd, sam = models.values()
     line = analysis.loss_landscape(sgd, probe_x, probe_y, toward=sam,
                                    extent=0.5, **kw)

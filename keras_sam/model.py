@@ -271,8 +271,9 @@ class SAMModel(keras.Model):
         print_fn = kwargs.get("print_fn") or print
         defaults = SAMOptions()
         settings = [f"rho={self.options.rho!r}"] + [
-            f"{k}={v!r}" for k, v in self.options.get_config().items()
-            if k != "rho" and v != getattr(defaults, k)]
+            f"{f}={getattr(self.options, f)!r}"
+            for f in self.options.get_config()
+            if f != "rho" and getattr(self.options, f) != getattr(defaults, f)]
         print_fn(f"SAM settings: {', '.join(settings)}; wrapped model: "
                  f"'{self.model.name}'")
 

@@ -35,3 +35,19 @@ def test_distributed_example_runs_on_two_logical_devices():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MirroredStrategy, 2 replicas" in out.stdout
     assert "| True | whole batch |" in out.stdout
+
+
+def test_landscape_example_writes_its_table_and_pictures(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "landscape", EXAMPLE.with_name("landscape.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--epochs", "2", "--resolution", "5", "--out",
+                        str(tmp_path)])
+    assert len(rows) == 2
+    for row in rows.values():
+        assert row["lambda_max"] > 0 and row["trace"] > 0
+        assert row["sharpness"] > 0
+    for name in ("landscape_1d", "landscape_2d_sgd", "landscape_2d_sam",
+                 "interpolation"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

@@ -51,12 +51,14 @@ def _finish(fig, ax, title, path):
 
 
 def plot_landscape_2d(result: dict, path=None, kind: str = "contour",
-                      title: str | None = None, levels: int = 20):
+                      title: str | None = None, levels=20):
     """A 2-D landscape as a contour map or a 3-D surface.
 
     Args:
         result: of `loss_landscape(dims=2)`.
         kind: "contour" or "surface".
+        levels: the number of contour levels, or the levels themselves
+            (give two maps the same levels to compare them).
     """
     if kind not in ("contour", "surface"):
         raise ValueError(f"`kind` must be 'contour' or 'surface'; received "
