@@ -44,8 +44,8 @@ import keras_sam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from examples.mnist1d_sam import (flip_labels, load_mnist1d,  # noqa: E402
-                                  make_mlp, make_model)
+from examples.mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
+                                  load_mnist1d, make_mlp, make_model)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -82,13 +82,7 @@ def train_once(model_name, kwargs, chosen, data, seed, epochs,
     model = MODELS[model_name](x.shape[1:])
     trained = model if kwargs is None else keras_sam.SAMModel(
         model, **kwargs, **chosen)
-    steps = epochs * int(np.ceil(len(x) / batch_size))
-    trained.compile(
-        optimizer=keras.optimizers.SGD(
-            keras.optimizers.schedules.CosineDecay(0.05, steps),
-            momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"])
+    compile_sgd(trained, epochs * int(np.ceil(len(x) / batch_size)))
     start = time.perf_counter()
     trained.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start

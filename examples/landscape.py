@@ -36,7 +36,8 @@ import keras_sam  # noqa: E402
 from keras_sam import analysis  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist1d_sam import flip_labels, load_mnist1d, make_mlp  # noqa: E402
+from mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
+                         load_mnist1d, make_mlp)
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 
@@ -47,13 +48,7 @@ def train(use_sam, data, args, initial):
     model = make_mlp(x.shape[1:])
     model.set_weights(initial)
     trained = keras_sam.SAMModel(model, rho=args.rho) if use_sam else model
-    steps = args.epochs * int(np.ceil(len(x) / 100))
-    trained.compile(
-        optimizer=keras.optimizers.SGD(
-            keras.optimizers.schedules.CosineDecay(0.05, steps),
-            momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"])
+    compile_sgd(trained, args.epochs * int(np.ceil(len(x) / 100)))
     trained.fit(x, y, batch_size=100, epochs=args.epochs, verbose=0)
     return trained
 

@@ -85,19 +85,25 @@ def make_model(input_shape, num_classes=10):
     ], name="convnet")
 
 
+def compile_sgd(model, steps, learning_rate=0.05):
+    """SGD + momentum 0.9, its learning rate on a cosine over `steps`;
+    cross-entropy on logits; accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(learning_rate, steps),
+            momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"])
+    return model
+
+
 def train(model, data, args, use_sam):
     (x_train, y_train), (x_test, y_test) = data
     if use_sam:
         model = keras_sam.SAMModel(model, rho=args.rho)
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            keras.optimizers.schedules.CosineDecay(
-                args.learning_rate,
-                args.epochs * (len(x_train) // args.batch_size)),
-            momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    compile_sgd(model, args.epochs * int(np.ceil(len(x_train)
+                                                 / args.batch_size)),
+                args.learning_rate)
     print(f"\n== {'SAM (rho=%g)' % args.rho if use_sam else 'base SGD'} ==")
     start = time.perf_counter()
     model.fit(x_train, y_train, batch_size=args.batch_size,
