@@ -13,6 +13,7 @@ from keras_sam.saving import load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAMModel", "analysis", "callbacks", "global_norm", "load_model", "perturbation",
+    "SAMModel", "analysis", "callbacks", "global_norm", "load_model",
+    "perturbation",
     "sam_perturbation", "schedules", "selection", "variants", "__version__",
 ]

@@ -135,7 +135,8 @@ class SAMOptions:
                 "`perturb` must be None (perturb every trainable variable) "
                 "or a predicate on variables, such as "
                 "keras_sam.selection.NormalizationOnly() or "
-                f"`lambda v: 'bias' not in v.path`; received {self.perturb!r}.")
+                "`lambda v: 'bias' not in v.path`; received "
+                f"{self.perturb!r}.")
         set_("sync_perturbation",
              _flag("sync_perturbation", self.sync_perturbation))
 

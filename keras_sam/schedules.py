@@ -6,8 +6,9 @@ iteration, like a learning rate) or a serializable callable of the iteration.
 GSAM (Zhuang et al., 2022) ties rho to the learning rate; that is one line:
 
     lr = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=10_000)
-    sam = keras_sam.SAMModel(model, rho=keras_sam.schedules.RhoFollowsLearningRate(
-        lr, rho_max=0.05, rho_min=0.01), gsam_alpha=0.3)
+    rho = keras_sam.schedules.RhoFollowsLearningRate(lr, rho_max=0.05,
+                                                     rho_min=0.01)
+    sam = keras_sam.SAMModel(model, rho=rho, gsam_alpha=0.3)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from keras import ops
 class RhoFollowsLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """rho_t moves linearly with the learning rate lr_t (GSAM's schedule):
 
-        rho_t = rho_min + (rho_max - rho_min) * (lr_t - lr_min) / (lr_max - lr_min)
+        rho_t = rho_min + (rho_max - rho_min)
+                          * (lr_t - lr_min) / (lr_max - lr_min)
 
     with lr_max = lr_0 (the learning rate at iteration 0) and lr_min given
     (0 by default: rho reaches rho_min when the learning rate reaches 0).

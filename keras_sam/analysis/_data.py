@@ -65,7 +65,8 @@ class Data:
                     "No labels: pass `y` with array inputs, or data that "
                     "yields (x, y) batches.")
             out = keras.tree.map_structure(
-                lambda t: np.asarray(t, np.float64) * n, per_batch(xb, yb, swb))
+                lambda t: np.asarray(t, np.float64) * n,
+                per_batch(xb, yb, swb))
             total = out if total is None else keras.tree.map_structure(
                 np.add, total, out)
             count += n

@@ -4,7 +4,7 @@ One step, for a batch B:
 
     pass 1   g = grad L_B(w)              clean weights; state (BatchNorm moving
                                           statistics, seeds) updates here, once
-    e        = rho * g / ||g||_2          keras_sam.perturbation (or a variant's ball)
+    e        = rho * g / ||g||_2          keras_sam.perturbation (any ball)
     pass 2   g_sam = grad L_B(w + e)      evaluated statelessly: w is never written
     update   w <- optimizer(w, g_sam)     at the original w
 
