@@ -132,9 +132,12 @@ def test_quadratic_with_known_spectrum_including_negative_eigenvalues():
 def test_trace_within_its_standard_error_of_the_exact_trace():
     model, x, y = _softmax_regression(d=6, c=4, n=80)
     exact = np.trace(_softmax_hessian(model, x))
+    before = weights64(model)
     estimate, error = hessian_trace(model, x, y, probes=200, seed=3)
     assert 0 < error < 0.2 * exact
     assert abs(estimate - exact) < 3 * error
+    for a, b in zip(weights64(model), before):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_dataset_streams_and_gives_the_same_eigenvalue():
@@ -292,6 +295,10 @@ def test_monitor_puts_its_measurements_in_the_history():
                                                    trace_probes=5)
     history = sam.fit(x, y, epochs=4, verbose=0, callbacks=[monitor])
     logs = history.history
+    before = weights64(sam.model)
+    monitor.measure()
+    for a, b in zip(weights64(sam.model), before):
+        np.testing.assert_array_equal(a, b)
     assert len(logs["eval_sharpness"]) == 2      # epochs 2 and 4
     assert len(logs["hessian_max_eigenvalue"]) == 2
     assert len(logs["hessian_trace"]) == 2
