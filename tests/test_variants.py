@@ -375,3 +375,22 @@ def test_rho_follows_the_learning_rate():
                                                    rho_min=0.05)
     with pytest.raises(TypeError, match="LearningRateSchedule"):
         keras_sam.schedules.RhoFollowsLearningRate(0.1, rho_max=0.05)
+
+
+def test_a_lazily_built_model_has_perturb_checked_at_the_first_step():
+    class Lazy(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Lazy()
+    sam = keras_sam.SAMModel(
+        model, perturb=keras_sam.selection.NormalizationOnly())
+    sam.compile(optimizer="sgd", loss="mse")
+    x, y = regression_data(n=8)
+    with pytest.raises(ValueError, match="selects none"):
+        sam.fit(x, y, verbose=0)
+    assert not model.built or int(sam.optimizer.iterations) == 0
