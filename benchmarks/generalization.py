@@ -1,6 +1,6 @@
 """What each SAM variant buys on MNIST-1D: test accuracy, sharpness, time.
 
-    python benchmarks/generalization.py                 # full run (~45 min)
+    python benchmarks/generalization.py                 # full run (~16 min)
     python benchmarks/generalization.py --quick         # 1 seed, short runs
     python benchmarks/generalization.py --report        # table + plot again
                                                         # from the last run
