@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_sam.analysis._data import Data, check_model, functions
 from keras_sam.options import validate_rho
 from keras_sam.perturbation import global_norm, l2_scale
 
@@ -62,50 +63,35 @@ def sharpness(
     """
     import tensorflow as tf
 
-    from keras_sam import _keras_compat
-
     rho = validate_rho(rho)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
-            or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive int; received {batch_size!r}.")
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) \
             or ascent_steps < 1:
         raise ValueError(
             "`ascent_steps` must be a positive int (1 is SAM's first-order "
             f"step); received {ascent_steps!r}.")
-    if not model.compiled or model.loss is None:
-        raise ValueError(
-            "`model` must be compiled with a loss: sharpness is measured on "
-            "the compiled loss. Call `model.compile(loss=...)` first.")
-
     if not isinstance(adaptive, bool):
         raise TypeError(f"`adaptive` must be True or False; received "
                         f"{adaptive!r}.")
     if not eta >= 0:
         raise ValueError(f"`eta` must be >= 0; received {eta!r}.")
-    variables = list(model.trainable_variables)
-
-    def loss_at(values, xb, yb, swb):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values)),
-                                  collect_losses=True):
-            y_pred = model(xb, training=False)
-            return model.compute_loss(xb, yb, y_pred, swb, training=False)
+    check_model(model)
+    data = Data(x, y, sample_weight, batch_size, steps)
+    fns = functions(model)
 
     @tf.function(reduce_retracing=True)
     def batch_sharpness(xb, yb, swb):
-        w = [tf.identity(v.value) for v in variables]
+        w = fns.weights()
         # T = |w| + eta for the adaptive ball, 1 otherwise; the ascent runs
         # in the coordinates e' = e / T, where the ball is round.
         scale = ([tf.abs(t) + eta for t in w] if adaptive
                  else [tf.ones_like(t) for t in w])
-        clean = loss_at(w, xb, yb, swb)
+        clean = fns.loss_at(w, xb, yb, swb)
         e = [tf.zeros_like(t) for t in w]       # e', in scaled coordinates
         for _ in range(ascent_steps):
             with tf.GradientTape() as tape:
                 point = [t + s * d for t, s, d in zip(w, scale, e)]
                 tape.watch(point)
-                loss = loss_at(point, xb, yb, swb)
+                loss = fns.loss_at(point, xb, yb, swb)
             g = [s * (tf.zeros_like(t) if gi is None
                       else tf.convert_to_tensor(gi))
                  for t, s, gi in zip(w, scale, tape.gradient(loss, point))]
@@ -115,24 +101,19 @@ def sharpness(
             # ... then back onto the ball ||e'|| <= rho.
             shrink = tf.minimum(1.0, l2_scale(global_norm(e), rho))
             e = [d * tf.cast(shrink, d.dtype) for d in e]
-        perturbed = loss_at([t + s * d for t, s, d in zip(w, scale, e)],
-                            xb, yb, swb)
-        return tf.cast(perturbed - clean, tf.float64)
+        perturbed = fns.loss_at([t + s * d for t, s, d in zip(w, scale, e)],
+                                xb, yb, swb)
+        return tf.cast(perturbed, tf.float64) - tf.cast(clean, tf.float64)
 
-    total, count = 0.0, 0
-    for i, (xb, yb, swb) in enumerate(_keras_compat.batches(
-            x, y, sample_weight, batch_size)):
-        if steps is not None and i >= steps:
-            break
-        if i == 0:
+    unchecked = [True]
+
+    def per_batch(xb, yb, swb):
+        if unchecked:
             _check_labels(model, xb, yb, swb)
-        size = int(keras.ops.shape(keras.tree.flatten(xb)[0])[0])
-        total += float(batch_sharpness(xb, yb, swb)) * size
-        count += size
-    if count == 0:
-        raise ValueError(
-            "`x` holds no examples: sharpness needs at least one batch.")
-    return total / count
+            unchecked.clear()
+        return batch_sharpness(xb, yb, swb)
+
+    return float(data.mean(per_batch))
 
 
 def _check_labels(model, xb, yb, swb) -> None:

@@ -24,7 +24,8 @@ class ModelFunctions:
         self.model = model
         self.variables = list(model.trainable_variables)
 
-    def _loss(self, values, x, y, sample_weight):
+    def loss_at(self, values, x, y, sample_weight):
+        """L(values) on one batch, traced into the caller's graph."""
         mapping = list(zip(self.variables, values))
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             y_pred = self.model(x, training=False)
@@ -34,13 +35,13 @@ class ModelFunctions:
 
     @tf.function(reduce_retracing=True)
     def loss(self, values, x, y, sample_weight):
-        return self._loss(values, x, y, sample_weight)
+        return self.loss_at(values, x, y, sample_weight)
 
     @tf.function(reduce_retracing=True)
     def gradient(self, values, x, y, sample_weight):
         with tf.GradientTape() as tape:
             tape.watch(values)
-            loss = self._loss(values, x, y, sample_weight)
+            loss = self.loss_at(values, x, y, sample_weight)
         return loss, _dense(tape.gradient(loss, values), values)
 
     @tf.function(reduce_retracing=True)
@@ -50,7 +51,7 @@ class ModelFunctions:
             outer.watch(values)
             with tf.GradientTape() as inner:
                 inner.watch(values)
-                loss = self._loss(values, x, y, sample_weight)
+                loss = self.loss_at(values, x, y, sample_weight)
             grads = _dense(inner.gradient(loss, values), values)
             dot = tf.add_n([tf.reduce_sum(g * tf.cast(v, g.dtype))
                             for g, v in zip(grads, vector)])
