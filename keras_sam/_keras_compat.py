@@ -52,12 +52,12 @@ def symbolic_build_from_local_batch(model, iterator=None, data_batch=None):
     Building needs only shapes and dtypes, which the local replica's shard
     has. tests/test_multi_worker.py tells when Keras no longer needs this.
     """
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        return  # Keras builds in the first traced step, as it does itself.
     import tensorflow as tf
     from keras import tree
 
-    strategy = model._distribute_strategy
-    if strategy is None:
-        return  # Keras builds in the first traced step, as it does itself.
     if iterator is not None:
         for _, _, it in iterator:
             data_batch = tree.map_structure(
@@ -81,10 +81,12 @@ def logs_for_multi_worker(model, logs):
     reduction averages over the replicas back into a scalar. Elsewhere the
     logs pass through unchanged.
     """
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        return logs
     import tensorflow as tf
     from keras import tree
 
-    strategy = model._distribute_strategy
     in_multi_worker = getattr(getattr(strategy, "extended", None),
                               "_in_multi_worker_mode", lambda: False)
     if strategy is None or not in_multi_worker():
@@ -129,5 +131,8 @@ def batches(x, y=None, sample_weight=None, batch_size=None):
 
     adapter = get_data_adapter(x, y, sample_weight=sample_weight,
                                batch_size=batch_size, shuffle=False)
-    for batch in adapter.get_tf_dataset():
+    iterator = (adapter.get_tf_dataset()
+                if keras.backend.backend() == "tensorflow"
+                else adapter.get_numpy_iterator())
+    for batch in iterator:
         yield keras.utils.unpack_x_y_sample_weight(batch)

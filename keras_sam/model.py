@@ -181,8 +181,11 @@ class SAMModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
-    def train_step(self, data):
-        logs = self._sam_train_step(self, data)
+    def train_step(self, *args):
+        # TensorFlow and PyTorch: (data); JAX: (state, data), stateless.
+        if len(args) == 2:
+            return self._sam_train_step(self, *args)
+        logs = self._sam_train_step(self, *args)
         return _keras_compat.logs_for_multi_worker(self, logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -190,9 +193,19 @@ class SAMModel(keras.Model):
         _keras_compat.symbolic_build_from_local_batch(self, iterator,
                                                       data_batch)
 
-    def test_step(self, data):
-        logs = super().test_step(data)
+    def _symbolic_build(self, *args, **kwargs):
+        # JAX's `fit` collects the state right after this build: the
+        # variant state must exist by then.
+        super()._symbolic_build(*args, **kwargs)
+        self.build_sam_state()
+
+    def test_step(self, *args):
         # Sharpness is measured while training; evaluation does not move it.
+        if len(args) == 2:   # JAX: (state, data) -> (logs, state)
+            logs, state = super().test_step(*args)
+            logs.pop(self._sharpness_tracker.name, None)
+            return logs, state
+        logs = super().test_step(*args)
         logs.pop(self._sharpness_tracker.name, None)
         return _keras_compat.logs_for_multi_worker(self, logs)
 

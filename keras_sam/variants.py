@@ -92,7 +92,7 @@ def looksam_direction(grads: Sequence, g_v: Sequence, alpha,
 def is_sam_step(iteration, sam_every: int):
     """Whether the step at 0-based `iteration` runs the second pass:
     iteration % sam_every == 0."""
-    return ops.equal(ops.mod(ops.cast(iteration, "int64"), sam_every), 0)
+    return ops.equal(ops.mod(iteration, sam_every), 0)
 
 
 def chunk_bounds(batch_size, num_splits: int) -> list:

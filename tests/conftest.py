@@ -1,20 +1,65 @@
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The suite runs once per Keras backend: TensorFlow by default, JAX and
+# PyTorch in subprocesses started by tests/test_backends.py
+# (KERAS_SAM_TEST_BACKEND=jax|torch), on the tests that are not TF-only.
+BACKEND = os.environ.get("KERAS_SAM_TEST_BACKEND", "tensorflow")
+os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if BACKEND == "jax":
+    # Two CPU devices, for keras.distribution.DataParallel.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=2")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import tensorflow as tf  # noqa: E402
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
-# Two logical CPU devices, for the tests that run tf.distribute strategies
-# on one machine. Must happen before TensorFlow initializes its devices.
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration()] * 2,
-)
+    # Two logical CPU devices, for the tests that run tf.distribute
+    # strategies on one machine. Must happen before TensorFlow initializes
+    # its devices.
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 2,
+    )
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Files whose tests run on every backend; their TensorFlow-only tests carry
+# @pytest.mark.tensorflow_only.
+PORTABLE = {
+    "test_sam_step.py", "test_variants.py", "test_variants_training_loop.py",
+    "test_training_loop.py", "test_edge_cases.py", "test_logs_and_config.py",
+    "test_hessian_landscape.py", "test_analysis.py", "test_new_user.py",
+    "test_saving.py", "test_backends.py",
+}
+
+
+def pytest_ignore_collect(collection_path, config):
+    if BACKEND != "tensorflow" and collection_path.suffix == ".py" and \
+            collection_path.name.startswith("test_"):
+        return collection_path.name not in PORTABLE
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tensorflow_only: runs on the TensorFlow backend only")
+    config.addinivalue_line(
+        "markers", "backends(*names): runs on these backends only")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        allowed = marker.args if marker else None
+        if item.get_closest_marker("tensorflow_only"):
+            allowed = ("tensorflow",)
+        if allowed is not None and BACKEND not in allowed:
+            item.add_marker(pytest.mark.skip(
+                reason=f"runs on {', '.join(allowed)}, not {BACKEND}"))
 
 
 @pytest.fixture(autouse=True)

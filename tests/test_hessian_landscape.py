@@ -75,6 +75,7 @@ def float64():
     keras.config.set_floatx("float32")
 
 
+@pytest.mark.tensorflow_only
 def test_eigenvalues_match_the_exact_hessian_of_an_mlp(float64):
     keras.utils.set_random_seed(1)
     model = keras.Sequential([

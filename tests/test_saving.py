@@ -60,6 +60,7 @@ def test_keras_file_resumes_bit_for_bit(tmp_path):
     assert h1.history == h2.history
 
 
+@pytest.mark.tensorflow_only
 def test_export_serves_the_same_outputs(tmp_path):
     sam, x, _ = _trained_sam(dropout=True)
     sam.export(tmp_path / "serving", verbose=False)
@@ -85,7 +86,8 @@ def test_plain_model_loads_where_keras_sam_is_not_installed(tmp_path):
         model = keras.saving.load_model({str(tmp_path / "model.keras")!r})
         out = model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0)
         np.testing.assert_allclose(
-            out, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-6)
+            out, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-5,
+            atol=1e-7)
         print("OK", type(model).__name__)
     """)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow",
@@ -115,6 +117,7 @@ def test_model_checkpoint_weights_only_and_full(tmp_path):
     assert not np.array_equal(fresh.get_weights()[0], sam.get_weights()[0])
 
 
+@pytest.mark.tensorflow_only
 def test_tf_train_checkpoint_round_trip(tmp_path):
     sam, x, y = _trained_sam()
     ckpt = tf.train.Checkpoint(model=sam, optimizer=sam.optimizer)
@@ -207,6 +210,7 @@ def test_corrupted_file_gets_a_clear_error(tmp_path, damage):
     assert type(keras_sam.load_model(good)) is keras_sam.SAMModel
 
 
+@pytest.mark.backends("tensorflow", "jax")   # exports a SavedModel
 def test_load_model_errors_for_missing_file_and_savedmodel_dir(tmp_path):
     sam, _, _ = _trained_sam(epochs=1)
     with pytest.raises(FileNotFoundError, match="No file"):
@@ -236,6 +240,7 @@ def _readme_section(title):
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
+@pytest.mark.tensorflow_only
 def test_readme_saving_snippets_run(tmp_path, monkeypatch):
     blocks = _readme_section("Saving and serving")
     assert len(blocks) >= 3

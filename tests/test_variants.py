@@ -291,6 +291,7 @@ def test_normalization_only_perturbs_normalization_parameters():
             if m] == [2, 2]
 
 
+@pytest.mark.tensorflow_only
 def test_normalization_only_trains_against_the_reference():
     """SAM-ON on a LayerNorm MLP: only gamma and beta get e."""
     keras.utils.set_random_seed(0)

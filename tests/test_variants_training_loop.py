@@ -105,6 +105,7 @@ def test_jit_compile_matches_the_graph_step_for_the_combined_variants():
                                rtol=1e-3)
 
 
+@pytest.mark.backends("tensorflow", "jax")   # Keras: torch runs 1
 def test_steps_per_execution_is_bit_for_bit_with_variants():
     x, y = regression_data(n=64)
     weights = []

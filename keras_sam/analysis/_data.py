@@ -26,11 +26,15 @@ def functions(model):
     backend = keras.backend.backend()
     if backend == "tensorflow":
         from keras_sam.backend.tf_analysis import ModelFunctions
-
-        return ModelFunctions(model)
-    raise NotImplementedError(
-        f"keras_sam.analysis runs on the TensorFlow backend; the active "
-        f"backend is '{backend}'.")
+    elif backend == "jax":
+        from keras_sam.backend.jax_analysis import ModelFunctions
+    elif backend == "torch":
+        from keras_sam.backend.torch_analysis import ModelFunctions
+    else:
+        raise NotImplementedError(
+            "keras_sam.analysis runs on the TensorFlow, JAX and PyTorch "
+            f"backends; the active backend is '{backend}'.")
+    return ModelFunctions(model)
 
 
 class Data:
@@ -65,7 +69,8 @@ class Data:
                     "No labels: pass `y` with array inputs, or data that "
                     "yields (x, y) batches.")
             out = keras.tree.map_structure(
-                lambda t: np.asarray(t, np.float64) * n,
+                lambda t: np.asarray(keras.ops.convert_to_numpy(t),
+                                     np.float64) * n,
                 per_batch(xb, yb, swb))
             total = out if total is None else keras.tree.map_structure(
                 np.add, total, out)

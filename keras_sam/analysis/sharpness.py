@@ -18,6 +18,7 @@ S_rho (the true maximum can only be higher).
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from keras_sam.analysis._data import Data, check_model, functions
 from keras_sam.options import validate_rho
@@ -61,8 +62,6 @@ def sharpness(
         The estimate, averaged over batches with weights equal to their sizes.
         The model's weights are not changed.
     """
-    import tensorflow as tf
-
     rho = validate_rho(rho)
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) \
             or ascent_steps < 1:
@@ -78,32 +77,28 @@ def sharpness(
     data = Data(x, y, sample_weight, batch_size, steps)
     fns = functions(model)
 
-    @tf.function(reduce_retracing=True)
     def batch_sharpness(xb, yb, swb):
         w = fns.weights()
         # T = |w| + eta for the adaptive ball, 1 otherwise; the ascent runs
         # in the coordinates e' = e / T, where the ball is round.
-        scale = ([tf.abs(t) + eta for t in w] if adaptive
-                 else [tf.ones_like(t) for t in w])
-        clean = fns.loss_at(w, xb, yb, swb)
-        e = [tf.zeros_like(t) for t in w]       # e', in scaled coordinates
+        scale = ([ops.abs(t) + eta for t in w] if adaptive
+                 else [ops.ones_like(t) for t in w])
+        clean = fns.loss(w, xb, yb, swb)
+        e = [ops.zeros_like(t) for t in w]      # e', in scaled coordinates
         for _ in range(ascent_steps):
-            with tf.GradientTape() as tape:
-                point = [t + s * d for t, s, d in zip(w, scale, e)]
-                tape.watch(point)
-                loss = fns.loss_at(point, xb, yb, swb)
-            g = [s * (tf.zeros_like(t) if gi is None
-                      else tf.convert_to_tensor(gi))
-                 for t, s, gi in zip(w, scale, tape.gradient(loss, point))]
+            point = [t + s * d for t, s, d in zip(w, scale, e)]
+            _, g = fns.gradient(point, xb, yb, swb)
+            g = [s * gi for s, gi in zip(scale, g)]
             # Step of length rho / ascent_steps along Tg / ||Tg||, ...
             step = l2_scale(global_norm(g), rho / ascent_steps)
-            e = [d + gi * tf.cast(step, gi.dtype) for d, gi in zip(e, g)]
+            e = [d + gi * ops.cast(step, gi.dtype) for d, gi in zip(e, g)]
             # ... then back onto the ball ||e'|| <= rho.
-            shrink = tf.minimum(1.0, l2_scale(global_norm(e), rho))
-            e = [d * tf.cast(shrink, d.dtype) for d in e]
-        perturbed = fns.loss_at([t + s * d for t, s, d in zip(w, scale, e)],
-                                xb, yb, swb)
-        return tf.cast(perturbed, tf.float64) - tf.cast(clean, tf.float64)
+            shrink = ops.minimum(1.0, l2_scale(global_norm(e), rho))
+            e = [d * ops.cast(shrink, d.dtype) for d in e]
+        perturbed = fns.loss([t + s * d for t, s, d in zip(w, scale, e)],
+                             xb, yb, swb)
+        return (float(ops.convert_to_numpy(perturbed))
+                - float(ops.convert_to_numpy(clean)))
 
     unchecked = [True]
 

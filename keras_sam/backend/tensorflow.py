@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_sam import _keras_compat, variants
+from keras_sam import _keras_compat, step, variants
 from keras_sam.backend import tf_gradients as gradients
 from keras_sam.backend import tf_replicas as replicas
 from keras_sam.backend import tf_splits as splits
@@ -48,12 +48,7 @@ def train_step(sam, data):
     optimizer = sam.optimizer
     options = sam.options
     variables = list(sam.trainable_variables)
-    if not variables:
-        raise ValueError(
-            f"SAMModel '{sam.name}' has no trainable variables, so there is "
-            "nothing to perturb or train. Unfreeze some layers of the wrapped "
-            "model (`layer.trainable = True`) before calling `fit`."
-        )
+    step.check_trainable(sam, variables)
     perturbed_mask = sam.perturbed_mask(variables)
     # Layer state (BatchNorm statistics, seeds), not LookSAM's own buffers.
     own = ({id(v) for v in sam.looksam_state.weights}

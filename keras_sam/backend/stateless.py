@@ -1,0 +1,278 @@
+"""The SAM step as a function of the model's state (JAX and PyTorch).
+
+JAX differentiates functions and PyTorch differentiates tensors; neither
+needs a variable to move for a gradient at w + e. The step takes the state
+as values (weights w, layer state s such as BatchNorm statistics and seeds,
+optimizer and metric state) and returns the update's direction and the new
+state; the backend file applies it (`optimizer.stateless_apply` on JAX,
+`optimizer.apply` on PyTorch):
+
+    pass 1   g, s' = grad L_B(w; s)        s' replaces s: state moves once
+    e        = e(g)                        keras_sam.step.climb
+    pass 2   g_s   = grad L_B(w + e; s)    from s; what it writes is dropped
+    d        = g_s, or a variant's d       keras_sam.step.combine
+
+Both passes run `Model.__call__` and `compute_loss` inside a
+`keras.StatelessScope` that maps every variable to a value, so both see the
+same seeds (the same dropout masks) and the same `model.losses`.
+
+A backend passes an `Autodiff`: how to take (value, aux), gradient of a
+function of the weights, how to branch on a traced boolean, and (JAX) how
+to map a function over the devices' shards of the batch, for per-device e
+(m-sharpness) under `keras.distribution.DataParallel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import keras
+from keras import ops
+
+from keras_sam import step, variants
+from keras_sam.perturbation import global_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Autodiff:
+    """What a backend supplies to the stateless step.
+
+    value_and_grad(fn, w, *args) -> ((fn's value, fn's aux), grad wrt w)
+    cond(pred, true_fn, false_fn) -> the taken branch's result
+    map_shards(fn, shards, batch, per_shard) -> fn mapped over the shards:
+        `batch` (x, y, sw) cut into [shards, n / shards, ...], `per_shard`
+        values with the shards' axis first (None: one shard only)
+    """
+    value_and_grad: Callable
+    cond: Callable
+    map_shards: Optional[Callable] = None
+
+
+@dataclasses.dataclass
+class Result:
+    """One step's outcome, as values."""
+    loss: Any              # L_B(w), unscaled, float32
+    y_pred: Any
+    state: list            # s' for every non-trainable variable
+    metrics: Optional[list]   # metric state after pass 1 (one chunk only)
+    direction: list        # d, one per trainable variable
+    finite: Any            # whether g was finite (else: skip the step)
+    took_sam_step: Any     # finite and pass 2 ran
+    perturbed_loss: Any    # L_B(w + e) (NaN without pass 2)
+    looksam: list          # LookSAM's g_v after the step ([] without)
+
+
+def variable_lists(sam) -> tuple:
+    """(trainable, non-trainable, optimizer, metric) variables: the order of
+    the values the step takes."""
+    return (list(sam.trainable_variables), list(sam.non_trainable_variables),
+            list(sam.optimizer.variables), list(sam.metrics_variables))
+
+
+def loss_function(sam, non_trainable, optimizer_values, metric_values):
+    """fn(w, x, y, sw) -> (scaled loss, (loss, y_pred, s', metric state)),
+    the training loss (compiled loss plus `model.losses`) at weights w from
+    layer state `non_trainable`; nothing is written to any variable."""
+    trainable_vars, state_vars, optimizer_vars, metric_vars = \
+        variable_lists(sam)
+    fixed = list(zip(state_vars, non_trainable))
+    fixed += list(zip(optimizer_vars, optimizer_values))
+    fixed += list(zip(metric_vars, metric_values))
+
+    def fn(trainable, x, y, sample_weight):
+        mapping = list(zip(trainable_vars, trainable)) + fixed
+        with keras.StatelessScope(state_mapping=mapping,
+                                  collect_losses=True) as scope:
+            y_pred = sam(x, training=True)
+            loss = sam._compute_loss(x=x, y=y, y_pred=y_pred,
+                                     sample_weight=sample_weight,
+                                     training=True)
+            scaled = sam.optimizer.scale_loss(loss)
+        state = [_current(scope, v, s) for v, s in zip(state_vars,
+                                                       non_trainable)]
+        metrics = [_current(scope, v, m) for v, m in zip(metric_vars,
+                                                         metric_values)]
+        return scaled, (ops.cast(loss, "float32"), y_pred, state, metrics)
+
+    return fn
+
+
+def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
+             data, autodiff: Autodiff, shards: int = 1) -> Result:
+    """The SAM step's direction and new state for one batch (see module)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    options, optimizer = sam.options, sam.optimizer
+    trainable_vars, state_vars, optimizer_vars, _ = variable_lists(sam)
+    step.check_trainable(sam, trainable_vars)
+    ascent_ids = [i for i, m in enumerate(sam.perturbed_mask(trainable_vars))
+                  if m]
+    other_ids = [i for i in range(len(trainable_vars)) if i not in ascent_ids]
+    with keras.StatelessScope(
+            state_mapping=list(zip(optimizer_vars, optimizer_values))):
+        iteration = ops.convert_to_tensor(optimizer.iterations)
+        rho = options.rho_at(iteration)
+    sam_every = (True if options.sam_every == 1 else
+                 variants.is_sam_step(iteration, options.sam_every))
+    loss_at = loss_function(sam, non_trainable, optimizer_values,
+                            metric_values)
+    own = _looksam_positions(sam, state_vars)
+    stored = [non_trainable[k] for k in own[:-1]]
+    stored_norm = non_trainable[own[-1]] if own else None
+    if options.sync_perturbation or autodiff.map_shards is None:
+        shards = 1
+    batch = _batch_size(x) // shards
+    bounds = step.static_chunk_bounds(batch, options.splits)
+    sizes = [float(b - a) for a, b in bounds]
+
+    def chunks(bx, by, bsw):
+        cut = lambda t, a, b: keras.tree.map_structure(  # noqa: E731
+            lambda v: None if v is None else v[a:b], t)
+        return [(cut(bx, a, b), cut(by, a, b),
+                 None if bsw is None else cut(bsw, a, b)) for a, b in bounds]
+
+    def clean_block(bx, by, bsw):
+        """Pass 1 chunk by chunk on one shard, each chunk from s."""
+        losses, preds, states, metrics, grads = [], [], [], [], []
+        for cx, cy, csw in chunks(bx, by, bsw):
+            (_, (loss, y_pred, s, m)), g = autodiff.value_and_grad(
+                loss_at, trainable, cx, cy, csw)
+            losses.append(loss), preds.append(y_pred), states.append(s)
+            metrics.append(m), grads.append(list(g))
+        finite = ops.all(ops.stack(
+            [step.norm_is_finite([g[i] for i in ascent_ids]) for g in grads]
+            + ([step.norm_is_finite([g[i] for i in other_ids])
+                for g in grads] if other_ids else [])))
+        clean = variants.weighted_mean(grads, sizes) if len(grads) > 1 \
+            else grads[0]
+        return dict(
+            loss=variants.weighted_mean([[lo] for lo in losses], sizes)[0],
+            y_pred=_concat(preds), state=step.merge_states(states, sizes),
+            metrics=metrics[0], grads=grads, clean=clean, finite=finite)
+
+    def sam_block(bx, by, bsw, grads, clean):
+        """Pass 2 per chunk at w + e_c, from s; the update's direction."""
+        results = []
+        for (cx, cy, csw), g in zip(chunks(bx, by, bsw), grads):
+            climbed = step.climb(trainable, [g[i] for i in ascent_ids],
+                                 ascent_ids, rho, options)
+            (_, (perturbed_loss, _, _, _)), g_s = autodiff.value_and_grad(
+                loss_at, climbed, cx, cy, csw)
+            results.append((perturbed_loss, list(g_s)))
+        return step.combine(options, clean, results, sizes)
+
+    def one_pass_block(clean):
+        direction = step.one_pass(options, clean, stored, stored_norm)
+        return ops.cast(float("nan"), "float32"), direction, list(stored)
+
+    if shards == 1:
+        first = clean_block(x, y, sample_weight)
+        on_shards = lambda fn, batch, more: fn(*batch, *more)  # noqa: E731
+    else:
+        def on_shards(fn, batch, per_shard):
+            return keras.tree.map_structure(
+                lambda t: ops.mean(t, axis=0),
+                autodiff.map_shards(fn, shards, batch, per_shard))
+        first = autodiff.map_shards(clean_block, shards,
+                                    (x, y, sample_weight))
+        first = dict(
+            loss=ops.mean(first["loss"]),
+            y_pred=keras.tree.map_structure(
+                lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:])),
+                first["y_pred"]),
+            state=step.merge_states(
+                [[s[k] for s in first["state"]] for k in range(shards)],
+                [1.0] * shards),
+            metrics=None, grads=first["grads"], clean=first["clean"],
+            finite=ops.all(first["finite"]))
+    if shards > 1 or len(bounds) > 1:
+        first["metrics"] = None   # the per-output trackers see the batch
+
+    def sam_branch():
+        return on_shards(sam_block, (x, y, sample_weight),
+                         (first["grads"], first["clean"]))
+
+    def one_pass_branch():
+        return on_shards(one_pass_block, (), (first["clean"],))
+
+    if sam_every is True:
+        perturbed_loss, direction, new_looksam = sam_branch()
+    else:
+        perturbed_loss, direction, new_looksam = autodiff.cond(
+            sam_every, sam_branch, one_pass_branch)
+    return Result(loss=first["loss"], y_pred=first["y_pred"],
+                  state=first["state"], metrics=first["metrics"],
+                  direction=list(direction), finite=first["finite"],
+                  took_sam_step=ops.logical_and(first["finite"], sam_every),
+                  perturbed_loss=perturbed_loss, looksam=list(new_looksam))
+
+
+def new_state(sam, result: Result, non_trainable) -> list:
+    """The non-trainable values after the step: s' from pass 1, and
+    LookSAM's g_v and ||g_v|| where a SAM step was applied."""
+    state = list(result.state)
+    own = _looksam_positions(sam, list(sam.non_trainable_variables))
+    if own:
+        took = result.took_sam_step
+        for k, g_v in zip(own[:-1], result.looksam):
+            state[k] = ops.where(took, ops.cast(g_v, state[k].dtype),
+                                 non_trainable[k])
+        state[own[-1]] = ops.where(took, global_norm(result.looksam),
+                                   non_trainable[own[-1]])
+    return state
+
+
+def logs(sam, result: Result, trainable, non_trainable, metric_values,
+         data) -> tuple:
+    """(logs, metric state): loss, compiled metrics and sharpness, as the
+    wrapped model would report them."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    metric_vars = list(sam.metrics_variables)
+    if result.metrics is not None:
+        metric_values = result.metrics
+    mapping = list(zip(metric_vars, metric_values))
+    mapping += list(zip(sam.trainable_variables, trainable))
+    mapping += list(zip(sam.non_trainable_variables, non_trainable))
+    n = ops.cast(_batch_size(x), "float32")
+    # sharpness = L(w + e) - L(w), first order, from the two passes.
+    sharpness = result.perturbed_loss - result.loss
+    counted = ops.logical_and(result.took_sam_step, ops.isfinite(sharpness))
+    with keras.StatelessScope(state_mapping=mapping,
+                              collect_losses=True) as scope:
+        if result.metrics is None:   # per-output loss trackers
+            sam._compute_loss(x=x, y=y, y_pred=result.y_pred,
+                              sample_weight=sample_weight, training=True)
+        sam._loss_tracker.update_state(result.loss, sample_weight=n)
+        sam._sharpness_tracker.update_state(
+            ops.where(counted, sharpness, 0.0),
+            sample_weight=ops.where(counted, n, 0.0))
+        logs = sam.compute_metrics(x, y, result.y_pred, sample_weight)
+    return logs, [_current(scope, v, m) for v, m in zip(metric_vars,
+                                                        metric_values)]
+
+
+def _looksam_positions(sam, state_vars) -> list:
+    """Positions of LookSAM's g_v buffers, then of ||g_v||, among the
+    non-trainable variables ([] without LookSAM)."""
+    if sam.looksam_state is None:
+        return []
+    where = {id(v): k for k, v in enumerate(state_vars)}
+    own = sam.looksam_state.directions + [sam.looksam_state.norm]
+    return [where[id(v)] for v in own]
+
+
+def _current(scope, variable, default):
+    value = scope.get_current_value(variable)
+    return default if value is None else value
+
+
+def _concat(parts):
+    if len(parts) == 1:
+        return parts[0]
+    return keras.tree.map_structure(lambda *t: ops.concatenate(t, axis=0),
+                                    *parts)
+
+
+def _batch_size(x) -> int:
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    return int(first.shape[0])

@@ -1,0 +1,121 @@
+"""What every backend's SAM step shares, in `keras.ops`.
+
+A step on a batch cut into chunks c (one chunk unless `num_batch_splits` or
+per-device e), each of size n_c:
+
+    g_c    = grad L_c(w)                    pass 1, per chunk (backend)
+    e_c    = e(g_c)                         `ascend`: keras_sam.perturbation
+    g_s,c  = grad L_c(w + e_c)              pass 2, per chunk (backend)
+    g, g_s = sum_c n_c g_c / sum_c n_c, the same for g_s,c
+    d      = g_s, GSAM's or LookSAM's d     `combine`: keras_sam.variants
+
+The backend files take gradients and keep state; what is computed from the
+gradients is here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from keras import ops
+
+from keras_sam import variants
+from keras_sam.options import SAMOptions
+from keras_sam.perturbation import global_norm, perturbation
+
+
+def check_trainable(sam, variables: Sequence) -> None:
+    """A clear error when there is nothing to perturb or train."""
+    if not variables:
+        raise ValueError(
+            f"SAMModel '{sam.name}' has no trainable variables, so there is "
+            "nothing to perturb or train. Unfreeze some layers of the wrapped "
+            "model (`layer.trainable = True`) before calling `fit`."
+        )
+
+
+def climb(weights: Sequence, grads: Sequence, ascent_ids: Sequence[int],
+          rho, options: SAMOptions) -> list:
+    """w + e(w): the weights pass 2 sees, one tensor per variable.
+
+    `grads[k]` is the gradient of `weights[ascent_ids[k]]`; the other
+    weights stay at w.
+    """
+    ascent = [weights[i] for i in ascent_ids]
+    eps = perturbation(grads, rho, p=options.p,
+                       weights=ascent if options.adaptive else None,
+                       eta=options.eta)
+    climbed = list(weights)
+    for i, w, e in zip(ascent_ids, ascent, eps):
+        climbed[i] = w + ops.cast(e, w.dtype)   # climb to w + e(w)
+    return climbed
+
+
+def combine(options: SAMOptions, clean: Sequence, results: Sequence,
+            sizes: Sequence) -> tuple:
+    """(L(w + e), the update's direction d, LookSAM's new g_v or []).
+
+    `results` holds (L_c(w + e_c), g_s,c) per chunk, `sizes` the chunks'
+    sizes n_c; `clean` is the batch's gradient g at w.
+    """
+    if len(results) == 1:
+        perturbed_loss, sam_grads = results[0]
+    else:
+        perturbed_loss = variants.weighted_mean(
+            [[loss] for loss, _ in results], sizes)[0]
+        sam_grads = variants.weighted_mean([g for _, g in results], sizes)
+    direction = sam_grads
+    if options.gsam_alpha > 0.0:
+        direction = variants.gsam_direction(clean, sam_grads,
+                                            options.gsam_alpha)
+    new_directions = []
+    if options.looksam_alpha is not None:
+        new_directions = variants.looksam_component(clean, sam_grads)
+    return perturbed_loss, direction, new_directions
+
+
+def one_pass(options: SAMOptions, clean: Sequence, stored: Sequence,
+             stored_norm, grad_norm=None) -> list:
+    """The direction of a step without pass 2: g, or LookSAM's
+    g + alpha (||g|| / ||g_v||) g_v from the stored g_v."""
+    if options.looksam_alpha is None:
+        return list(clean)
+    return variants.looksam_direction(clean, stored, options.looksam_alpha,
+                                      grad_norm=grad_norm,
+                                      direction_norm=stored_norm)
+
+
+def merge_states(states: Sequence[Sequence], sizes: Sequence) -> list:
+    """The layer state after a step whose clean pass ran chunk by chunk,
+    each chunk from the same state: floating-point state (BatchNorm moving
+    statistics) moves to the chunks' size-weighted mean, other state
+    (seeds) as the first chunk left it."""
+    if len(states) == 1:
+        return list(states[0])
+    merged = []
+    for k, first in enumerate(states[0]):
+        if "float" in str(ops.dtype(first)):
+            merged.append(variants.weighted_mean(
+                [[s[k]] for s in states], sizes)[0])
+        else:
+            merged.append(first)
+    return merged
+
+
+def static_chunk_bounds(n: int, splits: int) -> list:
+    """[(start, stop)] of `splits` contiguous chunks of a batch of static
+    size n, sizes differing by at most one; chunks of a batch smaller than
+    `splits` that would be empty are left out."""
+    base, extra = divmod(n, splits)
+    bounds, start = [], 0
+    for c in range(splits):
+        stop = start + base + (1 if c < extra else 0)
+        if stop > start:
+            bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def norm_is_finite(grads: Sequence):
+    """Whether every entry of `grads` is finite (one fused norm)."""
+    return ops.isfinite(global_norm(grads))

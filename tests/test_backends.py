@@ -1,0 +1,225 @@
+"""The suite on JAX and PyTorch, and what differs per backend.
+
+On TensorFlow (the default run) the first tests start the portable part of
+the suite once per other backend, in a subprocess
+(KERAS_SAM_TEST_BACKEND=jax|torch, see conftest.py), and move `.keras` files
+between backends. The rest runs on the backend named in its marker.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+import reference
+from conftest import regression_data, tanh_mlp, weights64
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OTHER_BACKENDS = ("jax", "torch")
+
+
+def _run(code_or_args, backend, timeout=900):
+    env = dict(os.environ, KERAS_SAM_TEST_BACKEND=backend,
+               KERAS_BACKEND=backend, PYTHONPATH=HERE)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    args = (code_or_args if isinstance(code_or_args, list)
+            else [sys.executable, "-c", textwrap.dedent(code_or_args)])
+    return subprocess.run(args, env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(HERE))
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_the_suite_passes_on(backend):
+    pytest.importorskip(backend)
+    done = _run([sys.executable, "-m", "pytest", "-q", "-p",
+                 "no:cacheprovider", "-x", "tests"], backend, timeout=1800)
+    tail = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, tail
+    assert " passed" in done.stdout, tail
+
+
+def _train_and_save(path, steps):
+    model = tanh_mlp(l2=0.01)
+    sam = keras_sam.SAMModel(model, rho=0.1, gsam_alpha=0.2)
+    sam.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    batches = [regression_data(n=16, seed=20 + i) for i in range(2 * steps)]
+    for x, y in batches[:steps]:
+        sam.train_on_batch(x, y)
+    sam.save(path)
+    return sam, batches[steps:]
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_keras_file_moves_to_another_backend_and_training_continues(
+        tmp_path, backend):
+    pytest.importorskip(backend)
+    path = str(tmp_path / "sam.keras")
+    sam, rest = _train_and_save(path, steps=2)
+    np.save(tmp_path / "data.npy", np.stack(
+        [np.concatenate([x, y], axis=1) for x, y in rest]))
+    for x, y in rest:   # continue here, on TensorFlow
+        sam.train_on_batch(x, y)
+    done = _run(f"""
+        import keras, numpy as np, keras_sam
+        sam = keras.saving.load_model({path!r})
+        assert isinstance(sam, keras_sam.SAMModel), type(sam)
+        assert sam.options.gsam_alpha == 0.2
+        for batch in np.load({str(tmp_path / "data.npy")!r}):
+            sam.train_on_batch(batch[:, :5], batch[:, 5:])
+        np.savez({str(tmp_path / "out.npz")!r},
+                 *[np.asarray(w) for w in sam.get_weights()])
+        print("OK", keras.backend.backend())
+        """, backend)
+    assert f"OK {backend}" in done.stdout, done.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    for k, want in enumerate(sam.get_weights()):
+        np.testing.assert_allclose(out[f"arr_{k}"], want, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_step_that_fails_half_way_leaves_the_weights_at_w():
+    """An error in pass 2 (at w + e) leaves nothing at w + e: the
+    variables are never written before the update."""
+    class FailsOnSecondCall(keras.layers.Layer):
+        calls = 0
+
+        def call(self, x, training=None):
+            if training:
+                FailsOnSecondCall.calls += 1
+                if FailsOnSecondCall.calls == 2:
+                    raise RuntimeError("pass 2 failed")
+            return x
+
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3),
+                              FailsOnSecondCall()])
+    sam = keras_sam.SAMModel(model, rho=0.5)
+    sam.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    before = weights64(model)
+    x, y = regression_data()
+    with pytest.raises(RuntimeError, match="pass 2 failed"):
+        sam.train_on_batch(x, y)
+    for a, b in zip(weights64(model), before):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ JAX
+
+
+@pytest.mark.backends("jax")
+def test_jitted_rho_zero_agrees_with_the_base_optimizer_to_rounding():
+    """Eagerly, rho = 0 is the base optimizer bit for bit on every backend
+    (test_sam_step.py). Jitted, XLA fuses the SAM program differently from
+    Keras's: the weights agree to float32 rounding."""
+    x, y = regression_data(n=64)
+    base, sam = tanh_mlp(seed=2), keras_sam.SAMModel(tanh_mlp(seed=2),
+                                                     rho=0.0)
+    for m in (base, sam):
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9,
+                                                 nesterov=True),
+                  loss="mse", jit_compile=True)
+        m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(weights64(base), weights64(sam.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _data_parallel_run(sync_perturbation, steps=3):
+    import jax
+
+    assert len(jax.devices()) == 2, "conftest asks XLA for 2 CPU devices"
+    batches = [regression_data(n=16, seed=30 + i) for i in range(steps)]
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        model = tanh_mlp(l2=0.01, seed=5)   # variables laid out for both
+        start = weights64(model)
+        sam = keras_sam.SAMModel(model, rho=0.2,
+                                 sync_perturbation=sync_perturbation)
+        sam.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                    loss="mse")
+        x = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
+        history = sam.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    finally:
+        keras.distribution.set_distribution(None)
+    return weights64(model), start, batches, history
+
+
+@pytest.mark.backends("jax")
+@pytest.mark.parametrize("sync_perturbation", [True, False])
+def test_data_parallel_on_two_devices_against_the_reference(
+        sync_perturbation):
+    """sync_perturbation=True: e of the whole batch, full-batch SAM.
+    False: each device's e from its own half, g_s averaged (m-sharpness),
+    as on TensorFlow's MirroredStrategy."""
+    got, start, batches, history = _data_parallel_run(sync_perturbation)
+    want, sharpness, _ = reference.variant_train(
+        reference.TanhMLP(l2=0.01), reference.SGD(0.1, momentum=0.9), start,
+        [(x.astype(np.float64), y.astype(np.float64)) for x, y in batches],
+        0.2, num_batch_splits=1 if sync_perturbation else 2)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history.history["sharpness"][-1],
+                               np.mean(sharpness), rtol=1e-4)
+
+
+@pytest.mark.backends("jax")
+def test_model_parallel_shards_the_weights_and_trains_like_one_device():
+    import jax
+
+    devices = jax.devices()
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"],
+                                         devices=devices)
+    layout = keras.distribution.LayoutMap(mesh)
+    layout["dense/kernel"] = (None, "model")
+    layout["dense/bias"] = ("model",)
+    x, y = regression_data(n=16, seed=40)
+
+    def train():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((5,)),
+                                  keras.layers.Dense(8, activation="tanh",
+                                                     name="dense"),
+                                  keras.layers.Dense(3, name="out")])
+        sam = keras_sam.SAMModel(model, rho=0.2)
+        sam.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        sam.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        return model
+
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=layout, batch_dim_name="batch"))
+    try:
+        sharded = train()
+        kernel = sharded.get_layer("dense").kernel.value
+        assert len(kernel.sharding.device_set) == 2   # really split
+        got = weights64(sharded)
+    finally:
+        keras.distribution.set_distribution(None)
+    for a, b in zip(got, weights64(train())):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------- PyTorch
+
+
+@pytest.mark.backends("torch")
+def test_torch_unused_variables_are_left_out_of_the_update():
+    """A variable the loss never uses (gradient None) is not updated, not
+    even by momentum or weight decay, as in Keras's own PyTorch step."""
+    inputs = keras.Input((5,))
+    used = keras.layers.Dense(3, name="used")(inputs)
+    keras.layers.Dense(3, name="unused")  # never called
+    model = keras.Model(inputs, used)
+    extra = model.add_weight(shape=(2,), initializer="ones", name="extra")
+    sam = keras_sam.SAMModel(model, rho=0.1)
+    sam.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.5),
+                loss="mse")
+    x, y = regression_data()
+    sam.train_on_batch(x, y)
+    np.testing.assert_array_equal(extra.numpy(), np.ones(2, np.float32))
