@@ -146,27 +146,14 @@ def train_step(sam, data):
     def sam_update():
         """(L(w + e), the gradient to apply, LookSAM's new g_v)."""
         results = [second_pass(c, r, n) for c, (r, n) in zip(chunks, ascents)]
-        if len(results) == 1:
-            perturbed_loss, sam_grads = results[0]
-        else:
-            weights = [c[4] for c in chunks]
-            perturbed_loss = variants.weighted_mean(
-                [[lo] for lo, _ in results], weights)[0]
-            sam_grads = variants.weighted_mean([g for _, g in results],
-                                               weights)
-        clean = [grads[i] for i in live]
-        direction = sam_grads
-        if options.gsam_alpha > 0.0:
-            direction = variants.gsam_direction(clean, sam_grads,
-                                                options.gsam_alpha)
-        new_directions = []
-        if looksam:
-            new_directions = variants.looksam_component(clean, sam_grads)
-            if not average_directions:
-                for v, new in zip(stored, new_directions):
-                    v.assign(ops.cast(new, v.dtype))
-                sam.looksam_state.norm.assign(global_norm(new_directions))
-                new_directions = []
+        perturbed_loss, direction, new_directions = step.combine(
+            options, [grads[i] for i in live], results,
+            [c[4] for c in chunks])
+        if looksam and not average_directions:
+            for v, new in zip(stored, new_directions):
+                v.assign(ops.cast(new, v.dtype))
+            sam.looksam_state.norm.assign(global_norm(new_directions))
+            new_directions = []
         return perturbed_loss, direction, new_directions
 
     def old_directions():
@@ -174,16 +161,14 @@ def train_step(sam, data):
 
     def one_pass_update():
         """No pass 2: the clean gradient, or LookSAM's g + stored g_v."""
-        clean = [grads[i] for i in live]
-        if looksam:
-            # ||g|| is the norm already taken when all of g is perturbed.
-            known = (ascents[0][1] if len(ascent_ids) == len(live)
-                     and len(chunks) == 1 and not sam.sync_perturbation
-                     else None)
-            clean = variants.looksam_direction(
-                clean, [v.value for v in stored], options.looksam_alpha,
-                grad_norm=known, direction_norm=sam.looksam_state.norm)
-        return tf.constant(float("nan")), clean, old_directions()
+        # ||g|| is the norm already taken when all of g is perturbed.
+        known = (ascents[0][1] if len(ascent_ids) == len(live)
+                 and len(chunks) == 1 and not sam.sync_perturbation
+                 else None)
+        direction = step.one_pass(
+            options, [grads[i] for i in live], [v.value for v in stored],
+            sam.looksam_state.norm if looksam else None, grad_norm=known)
+        return tf.constant(float("nan")), direction, old_directions()
 
     def update_direction():
         if sam_step is True:

@@ -9,6 +9,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_sam import variants
+from keras_sam.step import merge_states, static_chunk_bounds
 from keras_sam.backend import tensorflow as step
 from keras_sam.backend import tf_gradients as gradients
 
@@ -53,12 +54,8 @@ def clean_pass_in_chunks(sam, x, y, sample_weight, splits, state_variables,
         preds.append(y_pred)
         losses.append(ops.cast(loss, "float32"))
     sizes = [c[4] for c in chunks]
-    for k, v in enumerate(state_variables):
-        if v.dtype.startswith("float"):
-            v.assign(variants.weighted_mean([[s[k]] for s in states],
-                                            sizes)[0])
-        else:
-            v.assign(states[0][k])
+    for v, value in zip(state_variables, merge_states(states, sizes)):
+        v.assign(value)
     y_pred = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0),
                                       *preds)
     # Per-output loss trackers, which the stateless chunks did not update.
@@ -83,12 +80,5 @@ def _current(scope, variable, default):
 
 def _chunk_bounds(n, splits):
     if isinstance(n, int):   # static batch: Python bounds, XLA-friendly
-        base, extra = divmod(n, splits)
-        bounds, start = [], 0
-        for c in range(splits):
-            stop = start + base + (1 if c < extra else 0)
-            if stop > start:   # a batch smaller than `splits`
-                bounds.append((start, stop))
-            start = stop
-        return bounds
+        return static_chunk_bounds(n, splits)
     return variants.chunk_bounds(n, splits)
