@@ -3,6 +3,8 @@
     python benchmarks/step_time.py            # full run, a few minutes
     python benchmarks/step_time.py --quick    # fewer rounds
     python benchmarks/step_time.py --variants # every SAM variant's step
+    python benchmarks/step_time.py --backend jax      # or torch: see
+                                                      # other_backends.py
 
 Three variants of each model, all compiled with the same optimizer and loss:
 
@@ -35,12 +37,28 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _backend(argv) -> str:
+    """--backend, read before Keras is imported (Keras fixes it then)."""
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return "tensorflow"
+
+
+BACKEND = _backend(sys.argv) if __name__ == "__main__" else \
+    os.environ.get("KERAS_BACKEND", "tensorflow")
+os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf  # noqa: E402
 
 import keras_sam  # noqa: E402
 from keras_sam import _keras_compat  # noqa: E402
@@ -283,7 +301,16 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true",
                         help="time every SAM variant's step")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--backend", default="tensorflow",
+                        choices=("tensorflow", "jax", "torch"))
     args = parser.parse_args(argv)
+    if args.backend != "tensorflow":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import other_backends
+
+        if args.variants:
+            parser.error("--variants is timed on TensorFlow only")
+        return other_backends.main(args, MODELS, os.path.abspath(__file__))
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args.steps)))
         return None

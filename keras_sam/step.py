@@ -35,16 +35,16 @@ def check_trainable(sam, variables: Sequence) -> None:
 
 
 def climb(weights: Sequence, grads: Sequence, ascent_ids: Sequence[int],
-          rho, options: SAMOptions) -> list:
+          rho, options: SAMOptions, grad_norm=None) -> list:
     """w + e(w): the weights pass 2 sees, one tensor per variable.
 
     `grads[k]` is the gradient of `weights[ascent_ids[k]]`; the other
-    weights stay at w.
+    weights stay at w. `grad_norm`: ||grads||_2 when already taken.
     """
     ascent = [weights[i] for i in ascent_ids]
     eps = perturbation(grads, rho, p=options.p,
                        weights=ascent if options.adaptive else None,
-                       eta=options.eta)
+                       eta=options.eta, grad_norm=grad_norm)
     climbed = list(weights)
     for i, w, e in zip(ascent_ids, ascent, eps):
         climbed[i] = w + ops.cast(e, w.dtype)   # climb to w + e(w)

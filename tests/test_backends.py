@@ -223,3 +223,19 @@ def test_torch_unused_variables_are_left_out_of_the_update():
     x, y = regression_data()
     sam.train_on_batch(x, y)
     np.testing.assert_array_equal(extra.numpy(), np.ones(2, np.float32))
+
+
+@pytest.mark.backends("jax")
+def test_jax_export_serves_the_same_outputs(tmp_path):
+    """On JAX, `export` writes the wrapped model's SavedModel through
+    jax2tf (TensorFlow installed); TensorFlow serves it."""
+    tf = pytest.importorskip("tensorflow")
+    sam = keras_sam.SAMModel(tanh_mlp(), rho=0.1)
+    sam.compile(optimizer="sgd", loss="mse")
+    x, y = regression_data()
+    sam.fit(x, y, epochs=1, verbose=0)
+    sam.export(str(tmp_path / "serving"))
+    served = tf.saved_model.load(str(tmp_path / "serving"))
+    np.testing.assert_allclose(np.asarray(served.serve(x)),
+                               sam.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)

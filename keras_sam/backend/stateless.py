@@ -139,8 +139,11 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
                 loss_at, trainable, cx, cy, csw)
             losses.append(loss), preds.append(y_pred), states.append(s)
             metrics.append(m), grads.append(list(g))
+        # ||g_c|| of the perturbed variables, reused by e; every entry of
+        # g must be finite.
+        norms = [global_norm([g[i] for i in ascent_ids]) for g in grads]
         finite = ops.all(ops.stack(
-            [step.norm_is_finite([g[i] for i in ascent_ids]) for g in grads]
+            [ops.isfinite(n) for n in norms]
             + ([step.norm_is_finite([g[i] for i in other_ids])
                 for g in grads] if other_ids else [])))
         clean = variants.weighted_mean(grads, sizes) if len(grads) > 1 \
@@ -148,14 +151,15 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
         return dict(
             loss=variants.weighted_mean([[lo] for lo in losses], sizes)[0],
             y_pred=_concat(preds), state=step.merge_states(states, sizes),
-            metrics=metrics[0], grads=grads, clean=clean, finite=finite)
+            metrics=metrics[0], grads=grads, clean=clean, finite=finite,
+            norms=norms)
 
-    def sam_block(bx, by, bsw, grads, clean):
+    def sam_block(bx, by, bsw, grads, clean, norms):
         """Pass 2 per chunk at w + e_c, from s; the update's direction."""
         results = []
-        for (cx, cy, csw), g in zip(chunks(bx, by, bsw), grads):
+        for (cx, cy, csw), g, norm in zip(chunks(bx, by, bsw), grads, norms):
             climbed = step.climb(trainable, [g[i] for i in ascent_ids],
-                                 ascent_ids, rho, options)
+                                 ascent_ids, rho, options, grad_norm=norm)
             (_, (perturbed_loss, _, _, _)), g_s = autodiff.value_and_grad(
                 loss_at, climbed, cx, cy, csw)
             results.append((perturbed_loss, list(g_s)))
@@ -184,13 +188,13 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
                 [[s[k] for s in first["state"]] for k in range(shards)],
                 [1.0] * shards),
             metrics=None, grads=first["grads"], clean=first["clean"],
-            finite=ops.all(first["finite"]))
+            finite=ops.all(first["finite"]), norms=first["norms"])
     if shards > 1 or len(bounds) > 1:
         first["metrics"] = None   # the per-output trackers see the batch
 
     def sam_branch():
         return on_shards(sam_block, (x, y, sample_weight),
-                         (first["grads"], first["clean"]))
+                         (first["grads"], first["clean"], first["norms"]))
 
     def one_pass_branch():
         return on_shards(one_pass_block, (), (first["clean"],))
