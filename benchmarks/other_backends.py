@@ -4,10 +4,11 @@ TensorFlow (base, floor, SAM; median of alternating rounds), through
 each step, for every variant alike). The floor is two gradients of the same
 batch in sequence and one optimizer update, nothing else.
 
-Memory is measured where the backend counts it: on a GPU (JAX's
-`memory_stats`, `torch.cuda.max_memory_allocated`), each (model, variant) in
-a fresh process: the peak during the steps minus what was resident before
-them. On the CPU neither backend counts allocations, and the table says so.
+Memory, each (model, variant) in a fresh process: on JAX, the scratch
+memory XLA plans for the compiled train step (`memory_analysis()`, the same
+on a CPU or a GPU); on PyTorch with CUDA, the allocator's peak during the
+steps minus what was resident before them. PyTorch on the CPU counts no
+allocations, and the table says so.
 """
 
 from __future__ import annotations
@@ -146,15 +147,24 @@ def time_model(models, model_name: str, rounds: int, seconds: float) -> dict:
             "sam_over_floor": float(np.median(t["SAM"] / t["floor"]))}
 
 
-def _device_bytes():
-    """(bytes in use, peak bytes) on the accelerator, or None on a CPU."""
-    if keras.backend.backend() == "jax":
-        import jax
+def _xla_temp_bytes(built) -> int:
+    """JAX: the scratch memory XLA plans for one compiled train step (its
+    buffers besides the state and the batch), from `memory_analysis()`."""
+    import jax
 
-        device = jax.devices()[0]
-        stats = device.memory_stats() if device.platform == "gpu" else None
-        return None if not stats else (stats["bytes_in_use"],
-                                       stats["peak_bytes_in_use"])
+    wrapped, x, y = built
+    values = lambda vs: [v.value for v in vs]  # noqa: E731
+    state = (values(wrapped.trainable_variables),
+             values(wrapped.non_trainable_variables),
+             values(wrapped.optimizer.variables),
+             values(wrapped.metrics_variables))
+    step = jax.jit(lambda state, data: wrapped.train_step(state, data))
+    compiled = step.lower(state, (x, y)).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def _cuda_bytes():
+    """PyTorch: (bytes in use, peak bytes) on the GPU, or None on a CPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -166,18 +176,20 @@ def _device_bytes():
 def memory_child(models, model_name: str, variant: str, steps: int) -> dict:
     built = build(models, model_name, variant)
     run_steps(built, 2)
-    if keras.backend.backend() == "torch" and _device_bytes() is not None:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    resident = _device_bytes()
-    run_steps(built, steps)
-    now = _device_bytes()
     weights = sum(int(np.prod(v.shape)) * 4
                   for v in built[0].trainable_variables)
-    if resident is None:
+    if keras.backend.backend() == "jax":
+        return {"working_bytes": _xla_temp_bytes(built),
+                "weights_bytes": weights}
+    if _cuda_bytes() is None:
         return {"working_bytes": None, "weights_bytes": weights}
-    return {"working_bytes": now[1] - resident[0], "weights_bytes": weights}
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    resident = _cuda_bytes()
+    run_steps(built, steps)
+    return {"working_bytes": _cuda_bytes()[1] - resident[0],
+            "weights_bytes": weights}
 
 
 def memory_model(script: str, model_name: str, steps: int) -> dict:
@@ -234,7 +246,7 @@ def main(args, models, script: str):
     nan = float("nan")
     for r in rows:
         mem = (f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB"
-               if "overhead_mb" in r else "not counted on CPU | -")
+               if "overhead_mb" in r else "not counted (CPU) | -")
         print(f"| {r['model']} | {r.get('base_ms', nan):.2f} | "
               f"{r.get('floor_ms', nan):.2f} | {r.get('sam_ms', nan):.2f} | "
               f"{r.get('sam_over_base', nan):.3f} | "

@@ -76,12 +76,13 @@ class SAMModel(keras.Model):
             variables, e.g. `keras_sam.selection.NormalizationOnly()`;
             rejected variables get e = 0, stay out of every norm and are
             still updated with the SAM gradient.
-        sync_perturbation: under a `tf.distribute` strategy with several
-            replicas, False (the default, as in the paper) computes e on each
-            replica from its own shard of the batch (m-sharpness with m = the
-            per-replica batch) and averages the resulting g_sam; True
-            all-reduces the pass-1 gradient first, so every replica uses the
-            e of the whole batch (full-batch SAM, one more all-reduce per
+        sync_perturbation: with several replicas (a `tf.distribute`
+            strategy, or JAX's `keras.distribution.DataParallel`), False
+            (the default, as in the paper) computes e on each replica from
+            its own shard of the batch (m-sharpness with m = the
+            per-replica batch) and averages the resulting g_sam; True takes
+            e from the whole batch's gradient, so every replica uses the
+            same e (full-batch SAM; on TensorFlow one more all-reduce per
             step). No effect on one replica.
         **kwargs: passed to `keras.Model` (`name`, ...).
 

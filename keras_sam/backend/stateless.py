@@ -112,8 +112,8 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
             state_mapping=list(zip(optimizer_vars, optimizer_values))):
         iteration = ops.convert_to_tensor(optimizer.iterations)
         rho = options.rho_at(iteration)
-    sam_every = (True if options.sam_every == 1 else
-                 variants.is_sam_step(iteration, options.sam_every))
+    sam_now = (True if options.sam_every == 1 else
+               variants.is_sam_step(iteration, options.sam_every))
     loss_at = loss_function(sam, non_trainable, optimizer_values,
                             metric_values)
     own = _looksam_positions(sam, state_vars)
@@ -199,15 +199,15 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
     def one_pass_branch():
         return on_shards(one_pass_block, (), (first["clean"],))
 
-    if sam_every is True:
+    if sam_now is True:
         perturbed_loss, direction, new_looksam = sam_branch()
-    else:
+    else:   # every-k and LookSAM: pass 2 on SAM steps only
         perturbed_loss, direction, new_looksam = autodiff.cond(
-            sam_every, sam_branch, one_pass_branch)
+            sam_now, sam_branch, one_pass_branch)
     return Result(loss=first["loss"], y_pred=first["y_pred"],
                   state=first["state"], metrics=first["metrics"],
                   direction=list(direction), finite=first["finite"],
-                  took_sam_step=ops.logical_and(first["finite"], sam_every),
+                  took_sam_step=ops.logical_and(first["finite"], sam_now),
                   perturbed_loss=perturbed_loss, looksam=list(new_looksam))
 
 
