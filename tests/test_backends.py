@@ -239,3 +239,32 @@ def test_jax_export_serves_the_same_outputs(tmp_path):
     np.testing.assert_allclose(np.asarray(served.serve(x)),
                                sam.predict(x, verbose=0), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.backends("jax")
+@pytest.mark.parametrize("sync_perturbation", [True, False])
+def test_data_parallel_step_never_gathers_the_batch(sync_perturbation):
+    """Per-device e is vmapped over the devices' shards, which stay where
+    they are: the compiled step has all-reduces (the gradients' mean) and
+    no all-gather."""
+    import jax
+
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        sam = keras_sam.SAMModel(tanh_mlp(n_hidden=32), rho=0.1,
+                                 sync_perturbation=sync_perturbation)
+        sam.compile(optimizer="sgd", loss="mse")
+        x, y = regression_data(n=64)
+        sam.fit(x, y, batch_size=64, verbose=0)
+        layout = keras.distribution.distribution().get_data_layout
+        data = tuple(jax.device_put(a, layout(a.shape).backend_layout)
+                     for a in (x, y))
+        state = tuple([v.value for v in vs] for vs in (
+            sam.trainable_variables, sam.non_trainable_variables,
+            sam.optimizer.variables, sam.metrics_variables))
+        hlo = jax.jit(sam.train_step).lower(state, data).compile().as_text()
+    finally:
+        keras.distribution.set_distribution(None)
+    assert "all-reduce" in hlo
+    assert "all-gather" not in hlo
