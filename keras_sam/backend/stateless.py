@@ -34,7 +34,7 @@ from keras_sam import step, variants
 from keras_sam.perturbation import global_norm
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Autodiff:
     """What a backend supplies to the stateless step.
 

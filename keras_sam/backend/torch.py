@@ -35,19 +35,18 @@ class _Autodiff(stateless.Autodiff):
 
     def __init__(self):
         super().__init__(value_and_grad=self._value_and_grad, cond=_cond)
-        object.__setattr__(self, "_start", _rng_state())
-        object.__setattr__(self, "_after", None)
-        object.__setattr__(self, "used", None)
+        self._start, self._after = _rng_state(), None
+        self.used = None   # per variable: does the loss use it (pass 1)
 
     def _value_and_grad(self, fn, weights, *args):
         _set_rng_state(self._start)
         leaves = [w.detach().requires_grad_(True) for w in weights]
         value, aux = fn(leaves, *args)
         if self._after is None:
-            object.__setattr__(self, "_after", _rng_state())
+            self._after = _rng_state()
         grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        if self.used is None:   # pass 1: which variables the loss uses
-            object.__setattr__(self, "used", [g is not None for g in grads])
+        if self.used is None:
+            self.used = [g is not None for g in grads]
         aux = keras.tree.map_structure(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return (value.detach(), aux), [
@@ -98,9 +97,8 @@ def train_step(sam, data):
         direction = result.direction
         if not finite:   # the optimizer skips and lowers the loss scale
             direction = [direction[0] * float("nan")] + direction[1:]
-        pairs = [(d, v) for d, v, u in zip(direction, trainable_vars,
-                                                 autodiff.used)
-                 if u]
+        pairs = [(d, v) for d, v, used in
+                 zip(direction, trainable_vars, autodiff.used) if used]
         with torch.no_grad():
             # w <- optimizer(w, d), at the original w.
             optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
