@@ -201,14 +201,12 @@ class SAMModel(keras.Model):
         self.build_sam_state()
 
     def test_step(self, *args):
+        out = super().test_step(*args)   # JAX: (logs, state)
+        logs = out[0] if len(args) == 2 else out
         # Sharpness is measured while training; evaluation does not move it.
-        if len(args) == 2:   # JAX: (state, data) -> (logs, state)
-            logs, state = super().test_step(*args)
-            logs.pop(self._sharpness_tracker.name, None)
-            return logs, state
-        logs = super().test_step(*args)
         logs.pop(self._sharpness_tracker.name, None)
-        return _keras_compat.logs_for_multi_worker(self, logs)
+        return out if len(args) == 2 else \
+            _keras_compat.logs_for_multi_worker(self, logs)
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
         """Saves the SAM model (wrapped model, `rho`, optimizer state) as a
