@@ -85,6 +85,17 @@ def one_pass(options: SAMOptions, clean: Sequence, stored: Sequence,
                                       direction_norm=stored_norm)
 
 
+def track_sharpness(tracker, sharpness, took_sam_step, batch_size) -> None:
+    """Add sharpness = L(w + e) - L(w) of a batch to the `sharpness` mean,
+    weighted by the batch size, on steps that ran pass 2 and applied it
+    (other steps add nothing)."""
+    counted = ops.logical_and(took_sam_step, ops.isfinite(sharpness))
+    tracker.update_state(
+        ops.where(counted, sharpness, 0.0),
+        sample_weight=ops.where(counted, ops.cast(batch_size, "float32"),
+                                0.0))
+
+
 def merge_states(states: Sequence[Sequence], sizes: Sequence) -> list:
     """The layer state after a step whose clean pass ran chunk by chunk,
     each chunk from the same state: floating-point state (BatchNorm moving

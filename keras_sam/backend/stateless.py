@@ -238,18 +238,16 @@ def logs(sam, result: Result, trainable, non_trainable, metric_values,
     mapping += list(zip(sam.trainable_variables, trainable))
     mapping += list(zip(sam.non_trainable_variables, non_trainable))
     n = ops.cast(_batch_size(x), "float32")
-    # sharpness = L(w + e) - L(w), first order, from the two passes.
-    sharpness = result.perturbed_loss - result.loss
-    counted = ops.logical_and(result.took_sam_step, ops.isfinite(sharpness))
     with keras.StatelessScope(state_mapping=mapping,
                               collect_losses=True) as scope:
         if result.metrics is None:   # per-output loss trackers
             sam._compute_loss(x=x, y=y, y_pred=result.y_pred,
                               sample_weight=sample_weight, training=True)
         sam._loss_tracker.update_state(result.loss, sample_weight=n)
-        sam._sharpness_tracker.update_state(
-            ops.where(counted, sharpness, 0.0),
-            sample_weight=ops.where(counted, n, 0.0))
+        # sharpness = L(w + e) - L(w), first order, from the two passes.
+        step.track_sharpness(sam._sharpness_tracker,
+                             result.perturbed_loss - result.loss,
+                             result.took_sam_step, n)
         logs = sam.compute_metrics(x, y, result.y_pred, sample_weight)
     return logs, [_current(scope, v, m) for v, m in zip(metric_vars,
                                                         metric_values)]

@@ -226,12 +226,8 @@ def train_step(sam, data):
     sharpness = _keras_compat.unscale_loss_for_distribution(
         perturbed_loss - ops.cast(loss, "float32")
     )
-    counted = tf.logical_and(took_sam_step, tf.math.is_finite(sharpness))
-    sam._sharpness_tracker.update_state(
-        tf.where(counted, sharpness, 0.0),
-        sample_weight=tf.where(counted, ops.cast(batch_size(x), "float32"),
-                               0.0),
-    )
+    step.track_sharpness(sam._sharpness_tracker, sharpness, took_sam_step,
+                         batch_size(x))
     return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
