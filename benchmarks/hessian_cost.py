@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_sam import analysis  # noqa: E402
-from keras_sam.backend.tf_analysis import ModelFunctions  # noqa: E402
+from keras_sam.backend.tensorflow.analysis import ModelFunctions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

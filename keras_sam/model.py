@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat
+from keras_sam import _keras_compat, momentum
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
@@ -52,6 +52,8 @@ class SAMModel(keras.Model):
         num_batch_splits  m-sharpness on one device: each of m chunks of the
                     batch gets its own e, their g_s are averaged
         perturb     which variables get e (the others still train)
+        direction   "momentum": Momentum-SAM, e = -rho u / ||u|| from the
+                    optimizer's first moment u; one gradient per step
 
     Args:
         model: the `keras.Model` to train. Its layers and variables are
@@ -84,6 +86,15 @@ class SAMModel(keras.Model):
             e from the whole batch's gradient, so every replica uses the
             same e (full-batch SAM; on TensorFlow one more all-reduce per
             step). No effect on one replica.
+        direction: "gradient" (SAM) or "momentum" (Momentum-SAM, Becker et
+            al., 2024): e = -rho u / ||u||_2 with u the optimizer's first
+            moment in the gradient's sign (SGD with momentum, Adam, AdamW,
+            Adamax, Nadam, Lion), and the step's only gradient taken at
+            w + e; e = 0 on the first step. Its rho is far larger than
+            SAM's (about 1 to 3). Composes with rho schedules, `p`,
+            `adaptive`, `perturb` and loss scaling; not with `gsam_alpha`,
+            `sam_every`, `looksam_alpha` or `num_batch_splits`. The logs
+            report the loss at w + e and no sharpness.
         **kwargs: passed to `keras.Model` (`name`, ...).
 
     Example:
@@ -102,7 +113,8 @@ class SAMModel(keras.Model):
                  looksam_alpha: Optional[float] = None,
                  num_batch_splits: Optional[int] = None,
                  perturb: Optional[Callable] = None,
-                 sync_perturbation: bool = False, **kwargs):
+                 sync_perturbation: bool = False,
+                 direction: str = "gradient", **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(
                 "`model` must be a `keras.Model` (Sequential, functional or "
@@ -119,12 +131,14 @@ class SAMModel(keras.Model):
             rho=rho, p=p, adaptive=adaptive, eta=eta, gsam_alpha=gsam_alpha,
             sam_every=sam_every, looksam_alpha=looksam_alpha,
             num_batch_splits=num_batch_splits, perturb=perturb,
-            sync_perturbation=sync_perturbation)
+            sync_perturbation=sync_perturbation, direction=direction)
         self._sam_train_step = sam_backend.get_train_step()
         super().__init__(**kwargs)
         self.model = model
         self.options = options
-        self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
+        # Momentum-SAM never evaluates L(w): no sharpness to log.
+        self._sharpness_tracker = (None if options.momentum else
+                                   keras.metrics.Mean(name="sharpness"))
         self.looksam_state = None
         if model.built:
             self.built = True
@@ -204,7 +218,7 @@ class SAMModel(keras.Model):
         out = super().test_step(*args)   # JAX: (logs, state)
         logs = out[0] if len(args) == 2 else out
         # Sharpness is measured while training; evaluation does not move it.
-        logs.pop(self._sharpness_tracker.name, None)
+        logs.pop("sharpness", None)
         return out if len(args) == 2 else \
             _keras_compat.logs_for_multi_worker(self, logs)
 
@@ -270,6 +284,18 @@ class SAMModel(keras.Model):
                 pass
             raise ValueError(saving.describe_weight_mismatch(
                 self, filepath, error)) from error
+
+    def compile(self, optimizer="rmsprop", *args, **kwargs):
+        super().compile(optimizer, *args, **kwargs)
+        if self.options.momentum:   # an optimizer without a first moment
+            momentum.check_optimizer(self.optimizer)
+
+    def compile_from_config(self, config):
+        # Keras does not compile a loaded model whose class overrides
+        # `compile`; this one only adds a check, so compile as Keras would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def _assert_compile_called(self, method_name=None):
         if not self.compiled:

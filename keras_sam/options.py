@@ -92,6 +92,7 @@ class SAMOptions:
     num_batch_splits: Optional[int] = None
     perturb: Optional[Callable] = None
     sync_perturbation: bool = False
+    direction: str = "gradient"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -139,11 +140,34 @@ class SAMOptions:
                 f"{self.perturb!r}.")
         set_("sync_perturbation",
              _flag("sync_perturbation", self.sync_perturbation))
+        if self.direction not in ("gradient", "momentum"):
+            raise ValueError(
+                "`direction` must be 'gradient' (SAM: e from a first "
+                "gradient at w) or 'momentum' (Momentum-SAM: e from the "
+                "optimizer's first moment, one gradient per step); received "
+                f"direction={self.direction!r}.")
+        if self.direction == "momentum":
+            given = [f"{name}={getattr(self, name)!r}" for name, default in (
+                ("gsam_alpha", 0.0), ("sam_every", 1),
+                ("looksam_alpha", None), ("num_batch_splits", None))
+                if getattr(self, name) != default]
+            if given:
+                raise ValueError(
+                    "`direction='momentum'` (Momentum-SAM) takes one "
+                    "gradient per step, at w + e from the momentum, so "
+                    f"{', '.join(given)} has no meaning with it: these "
+                    "variants reshape SAM's two gradients. Drop them, or "
+                    "use direction='gradient'.")
 
     @property
     def splits(self) -> int:
         """The number of chunks per batch (1 without `num_batch_splits`)."""
         return self.num_batch_splits or 1
+
+    @property
+    def momentum(self) -> bool:
+        """Whether e comes from the optimizer's first moment (MSAM)."""
+        return self.direction == "momentum"
 
     @property
     def combines_gradients(self) -> bool:

@@ -42,6 +42,17 @@ def _wide(t):
     return ops.cast(t, "float32") if t.dtype in ("float16", "bfloat16") else t
 
 
+def scalar_like(value, like) -> "ops.Tensor":
+    """`value` as a float32 scalar tensor beside `like` (a float32 scalar).
+
+    A Python number is multiplied into ones on the device instead of being
+    copied from the host, which on a GPU would wait for the queued work.
+    """
+    if isinstance(value, (int, float)):
+        return ops.ones_like(like) * value
+    return ops.cast(value, "float32")
+
+
 def global_norm(tensors: Sequence, p: float = 2.0) -> "ops.Tensor":
     """The p-norm of all `tensors` taken as one flat vector (float32).
 
@@ -82,7 +93,7 @@ def l2_scale(grad_norm, rho) -> "ops.Tensor":
     skips the update, so whatever e comes out never reaches a weight.
     """
     grad_norm = ops.cast(grad_norm, "float32")
-    rho = ops.cast(rho, "float32")
+    rho = scalar_like(rho, grad_norm)
     safe = ops.where(grad_norm > 0.0, grad_norm, ops.ones_like(grad_norm))
     return ops.where(grad_norm > 0.0, rho / safe, ops.zeros_like(grad_norm))
 

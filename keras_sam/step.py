@@ -21,7 +21,8 @@ from keras import ops
 
 from keras_sam import variants
 from keras_sam.options import SAMOptions
-from keras_sam.perturbation import global_norm, perturbation
+from keras_sam.perturbation import (global_norm, l2_scale, perturbation,
+                                    scalar_like)
 
 
 def check_trainable(sam, variables: Sequence) -> None:
@@ -34,20 +35,36 @@ def check_trainable(sam, variables: Sequence) -> None:
         )
 
 
+def add_scaled(weights: Sequence, grads: Sequence, scale) -> list:
+    """[w + s g] for matching lists and a scalar tensor s (keras.ops; a
+    backend may pass a fused version to `climb`)."""
+    return [w + ops.cast(g * ops.cast(scale, g.dtype), w.dtype)
+            for w, g in zip(weights, grads)]
+
+
 def climb(weights: Sequence, grads: Sequence, ascent_ids: Sequence[int],
-          rho, options: SAMOptions, grad_norm=None) -> list:
+          rho, options: SAMOptions, grad_norm=None,
+          add=add_scaled) -> list:
     """w + e(w): the weights pass 2 sees, one tensor per variable.
 
     `grads[k]` is the gradient of `weights[ascent_ids[k]]`; the other
-    weights stay at w. `grad_norm`: ||grads||_2 when already taken.
+    weights stay at w. `grad_norm`: ||grads||_2 when already taken; `add`:
+    how to form [w + s g] (`add_scaled`, or a backend's fused kernel).
     """
     ascent = [weights[i] for i in ascent_ids]
-    eps = perturbation(grads, rho, p=options.p,
-                       weights=ascent if options.adaptive else None,
-                       eta=options.eta, grad_norm=grad_norm)
+    if options.p == 2 and not options.adaptive:
+        # The default ball: e = s g with s = rho / ||g||_2, added in one go.
+        if grad_norm is None:
+            grad_norm = global_norm(grads)
+        moved = add(ascent, grads, l2_scale(grad_norm, rho))
+    else:
+        eps = perturbation(grads, rho, p=options.p,
+                           weights=ascent if options.adaptive else None,
+                           eta=options.eta, grad_norm=grad_norm)
+        moved = [w + ops.cast(e, w.dtype) for w, e in zip(ascent, eps)]
     climbed = list(weights)
-    for i, w, e in zip(ascent_ids, ascent, eps):
-        climbed[i] = w + ops.cast(e, w.dtype)   # climb to w + e(w)
+    for i, w in zip(ascent_ids, moved):
+        climbed[i] = w   # climb to w + e(w)
     return climbed
 
 
@@ -88,12 +105,15 @@ def one_pass(options: SAMOptions, clean: Sequence, stored: Sequence,
 def track_sharpness(tracker, sharpness, took_sam_step, batch_size) -> None:
     """Add sharpness = L(w + e) - L(w) of a batch to the `sharpness` mean,
     weighted by the batch size, on steps that ran pass 2 and applied it
-    (other steps add nothing)."""
+    (other steps add nothing). No scalar crosses from the host. No tracker
+    (Momentum-SAM): nothing to track."""
+    if tracker is None:
+        return
     counted = ops.logical_and(took_sam_step, ops.isfinite(sharpness))
     tracker.update_state(
-        ops.where(counted, sharpness, 0.0),
-        sample_weight=ops.where(counted, ops.cast(batch_size, "float32"),
-                                0.0))
+        ops.where(counted, sharpness, ops.zeros_like(sharpness)),
+        sample_weight=ops.cast(counted, "float32")
+        * scalar_like(batch_size, sharpness))
 
 
 def merge_states(states: Sequence[Sequence], sizes: Sequence) -> list:

@@ -52,11 +52,20 @@ def sam_gradient(net, params, x, y, rho: float):
 
 
 class SGD:
-    """w <- w + v, v <- momentum * v - lr * g (v = -lr * g without momentum)."""
+    """v <- momentum * v - lr * g; w <- w + v, or with Nesterov
+    w <- w + momentum * v - lr * g (v = -lr * g without momentum)."""
 
-    def __init__(self, learning_rate: float, momentum: float = 0.0):
-        self.lr, self.momentum = learning_rate, momentum
+    def __init__(self, learning_rate: float, momentum: float = 0.0,
+                 nesterov: bool = False):
+        self.lr, self.momentum, self.nesterov = (learning_rate, momentum,
+                                                 nesterov)
         self.velocity = None
+
+    def first_moment(self, params):
+        """u, the momentum in the gradient's sign: -v (zeros at first)."""
+        if self.velocity is None:
+            return [np.zeros_like(p) for p in params]
+        return [-v for v in self.velocity]
 
     def step(self, params, grads):
         if self.velocity is None:
@@ -65,6 +74,9 @@ class SGD:
             self.momentum * v - self.lr * g
             for v, g in zip(self.velocity, grads)
         ]
+        if self.nesterov:
+            return [p + self.momentum * v - self.lr * g
+                    for p, v, g in zip(params, self.velocity, grads)]
         return [p + v for p, v in zip(params, self.velocity)]
 
 
@@ -80,6 +92,12 @@ class Adam:
         self.lr, self.b1, self.b2, self.eps = (
             learning_rate, beta_1, beta_2, epsilon)
         self.t, self.m, self.v = 0, None, None
+
+    def first_moment(self, params):
+        """u = m, the first moment (zeros at first)."""
+        if self.m is None:
+            return [np.zeros_like(p) for p in params]
+        return list(self.m)
 
     def step(self, params, grads):
         if self.m is None:
@@ -271,3 +289,22 @@ def variant_train(net, optimizer, params, batches, rho, *, p=2.0,
                 d = [gi + scale * v for gi, v in zip(g, g_v)]
         params = optimizer.step(params, d)
     return params, sharpnesses, g_v
+
+
+def msam_train(net, optimizer, params, batches, rho, *, p=2.0,
+               adaptive=False, eta=0.01, mask=None):
+    """Momentum-SAM (Becker et al., 2024): the only gradient of a step at
+    w + e, e = -rho u / ||u|| from the optimizer's first moment u (or the
+    ball of `perturbation` with -u for g). Returns (params, losses at
+    w + e). `rho` is a float or a function of the iteration."""
+    params = [np.asarray(w, np.float64) for w in params]
+    losses = []
+    for t, (x, y) in enumerate(batches):
+        r = rho(t) if callable(rho) else rho
+        u = optimizer.first_moment(params)
+        e = perturbation([-ui for ui in u], params, r, p, adaptive, eta,
+                         mask)
+        moved = [w + d for w, d in zip(params, e)]
+        losses.append(net.loss(moved, x, y))
+        params = optimizer.step(params, net.grad(moved, x, y))
+    return params, losses

@@ -268,3 +268,74 @@ def test_data_parallel_step_never_gathers_the_batch(sync_perturbation):
         keras.distribution.set_distribution(None)
     assert "all-reduce" in hlo
     assert "all-gather" not in hlo
+
+
+def _torch_host_work_per_step(wrapped, x, y, steps=10):
+    """(host syncs, tensors made from host data) per `fit` step, counted by
+    the profiler: `_local_scalar_dense` (.item(), float(t)) and `is_nonzero`
+    (bool(t)) wait for the device; `lift_fresh` is a tensor made from a
+    Python scalar or array, a blocking host-to-device copy on a GPU."""
+    import torch
+
+    wrapped.fit(x, y, batch_size=len(x), epochs=1, verbose=0)   # warm up
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        wrapped.fit(x, y, batch_size=len(x), epochs=steps, verbose=0)
+    count = {e.key: e.count for e in prof.key_averages()}
+    syncs = count.get("aten::_local_scalar_dense", 0) + \
+        count.get("aten::is_nonzero", 0)
+    return syncs / steps, count.get("aten::lift_fresh", 0) / steps
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("kwargs", [{}, {"sam_every": 2}])
+def test_torch_step_adds_no_host_sync_and_no_host_scalars(kwargs):
+    """The PyTorch SAM step never waits for the device mid-step: per `fit`
+    step at most one host sync more than two plain gradients and an update
+    (the floor; every-k reads its iteration once, before pass 1) and at most
+    two more tensors made from host data (plain SAM: none more)."""
+    import torch
+
+    class Floor(keras.Model):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def call(self, x, training=None):
+            return self.model(x, training=training)
+
+        def train_step(self, data):
+            x, y = data
+            variables = self.trainable_variables
+            for _ in range(2):
+                y_pred = self(x, training=True)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                          training=True)
+                grads = torch.autograd.grad(loss, [v.value
+                                                   for v in variables])
+            self._loss_tracker.update_state(loss.detach(),
+                                            sample_weight=len(x))
+            with torch.no_grad():
+                self.optimizer.apply(list(grads), variables)
+            return self.compute_metrics(x, y, y_pred)
+
+    x, y = regression_data(n=32)
+    counts = {}
+    for name in ("floor", "SAM"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([   # dropout from torch's global RNG
+            keras.Input((5,)), keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.2), keras.layers.BatchNormalization(),
+            keras.layers.Dense(3)])
+        wrapped = Floor(model) if name == "floor" else keras_sam.SAMModel(
+            model, rho=0.1, **kwargs)
+        wrapped.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                        loss="mse")
+        counts[name] = _torch_host_work_per_step(wrapped, x, y)
+    (floor_syncs, floor_fresh), (syncs, fresh) = counts["floor"], \
+        counts["SAM"]
+    assert floor_syncs > 0   # the counter sees Keras's own syncs
+    assert syncs <= floor_syncs + 1, counts
+    assert fresh <= floor_fresh + 2, counts
+    if not kwargs:
+        assert syncs <= floor_syncs and fresh <= floor_fresh + 0.5, counts

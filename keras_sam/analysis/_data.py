@@ -25,11 +25,11 @@ def functions(model):
     """The backend's loss / gradient / Hessian-vector product of `model`."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        from keras_sam.backend.tf_analysis import ModelFunctions
+        from keras_sam.backend.tensorflow.analysis import ModelFunctions
     elif backend == "jax":
-        from keras_sam.backend.jax_analysis import ModelFunctions
+        from keras_sam.backend.jax.analysis import ModelFunctions
     elif backend == "torch":
-        from keras_sam.backend.torch_analysis import ModelFunctions
+        from keras_sam.backend.torch.analysis import ModelFunctions
     else:
         raise NotImplementedError(
             "keras_sam.analysis runs on the TensorFlow, JAX and PyTorch "

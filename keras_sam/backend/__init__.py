@@ -1,6 +1,17 @@
-"""Backend-specific SAM training steps; one module per Keras backend."""
+"""The SAM training step, one package per Keras backend.
+
+    tensorflow/   step.py (the step), passes.py (pass 1, whole or in chunks),
+                  replicas.py (tf.distribute), gradients.py (sparse rows,
+                  fused norm), analysis.py
+    jax/, torch/  step.py (how the backend differentiates, branches and
+                  writes back), analysis.py
+    stateless.py  the step as a function of the model's state, shared by JAX
+                  and PyTorch
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import keras
 
@@ -11,19 +22,10 @@ def get_train_step():
     """The SAM `train_step` for the active Keras backend: `(sam, data)` on
     TensorFlow and PyTorch, `(sam, state, data)` on JAX."""
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        from keras_sam.backend import tensorflow
-
-        return tensorflow.train_step
-    if backend == "jax":
-        from keras_sam.backend import jax
-
-        return jax.train_step
-    if backend == "torch":
-        from keras_sam.backend import torch
-
-        return torch.train_step
-    raise NotImplementedError(
-        f"keras_sam supports the Keras backends {SUPPORTED_BACKENDS}; the "
-        f"active backend is '{backend}'. Set the environment variable "
-        "KERAS_BACKEND to one of them before importing keras.")
+    if backend not in SUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"keras_sam supports the Keras backends {SUPPORTED_BACKENDS}; the "
+            f"active backend is '{backend}'. Set the environment variable "
+            "KERAS_BACKEND to one of them before importing keras.")
+    return importlib.import_module(
+        f"keras_sam.backend.{backend}.step").train_step

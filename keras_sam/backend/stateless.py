@@ -12,6 +12,9 @@ state; the backend file applies it (`optimizer.stateless_apply` on JAX,
     pass 2   g_s   = grad L_B(w + e; s)    from s; what it writes is dropped
     d        = g_s, or a variant's d       keras_sam.step.combine
 
+Momentum-SAM takes e from the optimizer's first moment instead of pass 1,
+and its one pass at w + e moves the state: g, s' = grad L_B(w + e; s).
+
 Both passes run `Model.__call__` and `compute_loss` inside a
 `keras.StatelessScope` that maps every variable to a value, so both see the
 same seeds (the same dropout masks) and the same `model.losses`.
@@ -30,7 +33,7 @@ from typing import Any, Callable, Optional
 import keras
 from keras import ops
 
-from keras_sam import step, variants
+from keras_sam import momentum, step, variants
 from keras_sam.perturbation import global_norm
 
 
@@ -43,10 +46,19 @@ class Autodiff:
     map_shards(fn, shards, batch, per_shard) -> fn mapped over the shards:
         `batch` (x, y, sw) cut into [shards, n / shards, ...], `per_shard`
         values with the shards' axis first (None: one shard only)
+    norm(tensors) -> ||tensors||_2 in float32 (a fused kernel, or
+        `global_norm`)
+    add(weights, grads, s) -> [w + s g] (a fused kernel, or
+        `step.add_scaled`)
+    decide(pred) -> pred as a Python bool, read before pass 1 is queued
+        (None: branch on the traced value with `cond`)
     """
     value_and_grad: Callable
     cond: Callable
     map_shards: Optional[Callable] = None
+    norm: Callable = global_norm
+    add: Callable = step.add_scaled
+    decide: Optional[Callable] = None
 
 
 @dataclasses.dataclass
@@ -114,8 +126,13 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
         rho = options.rho_at(iteration)
     sam_now = (True if options.sam_every == 1 else
                variants.is_sam_step(iteration, options.sam_every))
+    if sam_now is not True and autodiff.decide is not None:
+        sam_now = autodiff.decide(sam_now)
     loss_at = loss_function(sam, non_trainable, optimizer_values,
                             metric_values)
+    if options.momentum:
+        return _momentum_step(sam, trainable, optimizer_values, loss_at,
+                              data, autodiff, rho, ascent_ids)
     own = _looksam_positions(sam, state_vars)
     stored = [non_trainable[k] for k in own[:-1]]
     stored_norm = non_trainable[own[-1]] if own else None
@@ -141,15 +158,18 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
             metrics.append(m), grads.append(list(g))
         # ||g_c|| of the perturbed variables, reused by e; every entry of
         # g must be finite.
-        norms = [global_norm([g[i] for i in ascent_ids]) for g in grads]
+        norms = [autodiff.norm([g[i] for i in ascent_ids]) for g in grads]
         finite = ops.all(ops.stack(
             [ops.isfinite(n) for n in norms]
             + ([step.norm_is_finite([g[i] for i in other_ids])
                 for g in grads] if other_ids else [])))
-        clean = variants.weighted_mean(grads, sizes) if len(grads) > 1 \
-            else grads[0]
+        if len(grads) > 1:
+            clean = variants.weighted_mean(grads, sizes)
+            loss = variants.weighted_mean([[lo] for lo in losses], sizes)[0]
+        else:
+            clean, loss = grads[0], losses[0]
         return dict(
-            loss=variants.weighted_mean([[lo] for lo in losses], sizes)[0],
+            loss=loss,
             y_pred=_concat(preds), state=step.merge_states(states, sizes),
             metrics=metrics[0], grads=grads, clean=clean, finite=finite,
             norms=norms)
@@ -159,7 +179,8 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
         results = []
         for (cx, cy, csw), g, norm in zip(chunks(bx, by, bsw), grads, norms):
             climbed = step.climb(trainable, [g[i] for i in ascent_ids],
-                                 ascent_ids, rho, options, grad_norm=norm)
+                                 ascent_ids, rho, options, grad_norm=norm,
+                                 add=autodiff.add)
             (_, (perturbed_loss, _, _, _)), g_s = autodiff.value_and_grad(
                 loss_at, climbed, cx, cy, csw)
             results.append((perturbed_loss, list(g_s)))
@@ -167,7 +188,8 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
 
     def one_pass_block(clean):
         direction = step.one_pass(options, clean, stored, stored_norm)
-        return ops.cast(float("nan"), "float32"), direction, list(stored)
+        no_loss = ops.zeros((), "float32") + float("nan")   # no pass 2
+        return no_loss, direction, list(stored)
 
     if shards == 1:
         first = clean_block(x, y, sample_weight)
@@ -199,16 +221,44 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
     def one_pass_branch():
         return on_shards(one_pass_block, (), (first["clean"],))
 
+    finite = first["finite"]
     if sam_now is True:
         perturbed_loss, direction, new_looksam = sam_branch()
+        took_sam_step = finite
+    elif sam_now is False:   # decided on the host: a step without pass 2
+        perturbed_loss, direction, new_looksam = one_pass_branch()
+        took_sam_step = ops.logical_not(ops.ones_like(finite))
     else:   # every-k and LookSAM: pass 2 on SAM steps only
         perturbed_loss, direction, new_looksam = autodiff.cond(
             sam_now, sam_branch, one_pass_branch)
+        took_sam_step = ops.logical_and(finite, sam_now)
     return Result(loss=first["loss"], y_pred=first["y_pred"],
                   state=first["state"], metrics=first["metrics"],
-                  direction=list(direction), finite=first["finite"],
-                  took_sam_step=ops.logical_and(first["finite"], sam_now),
+                  direction=list(direction), finite=finite,
+                  took_sam_step=took_sam_step,
                   perturbed_loss=perturbed_loss, looksam=list(new_looksam))
+
+
+def _momentum_step(sam, trainable, optimizer_values, loss_at, data,
+                   autodiff: Autodiff, rho, ascent_ids) -> Result:
+    """Momentum-SAM: one pass at w + e, e = -rho u / ||u|| from the
+    optimizer's first moment u = sign m (keras_sam.momentum); its state
+    moves as a clean pass's would."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    positions, sign = momentum.moment_positions(
+        sam.optimizer, list(sam.trainable_variables))
+    moments = [optimizer_values[positions[i]] for i in ascent_ids]
+    # e = perturbation(m, -sign rho): the ball's formula with u for g.
+    climbed = step.climb(trainable, moments, ascent_ids, -sign * rho,
+                         sam.options, grad_norm=autodiff.norm(moments),
+                         add=autodiff.add)
+    (_, (loss, y_pred, state, metrics)), grads = autodiff.value_and_grad(
+        loss_at, climbed, x, y, sample_weight)
+    finite = ops.isfinite(autodiff.norm(list(grads)))
+    return Result(loss=loss, y_pred=y_pred, state=state, metrics=metrics,
+                  direction=list(grads), finite=finite,
+                  took_sam_step=ops.logical_not(ops.ones_like(finite)),
+                  perturbed_loss=loss, looksam=[])
 
 
 def new_state(sam, result: Result, non_trainable) -> list:
@@ -226,6 +276,15 @@ def new_state(sam, result: Result, non_trainable) -> list:
     return state
 
 
+def mark_non_finite(direction, finite) -> list:
+    """The direction for a LossScaleOptimizer: unchanged when `finite`, else
+    with a NaN in its first tensor, so that the optimizer skips the step and
+    lowers the loss scale (on every device alike)."""
+    first = direction[0]
+    return [ops.where(finite, first, first * float("nan"))] + \
+        list(direction[1:])
+
+
 def logs(sam, result: Result, trainable, non_trainable, metric_values,
          data) -> tuple:
     """(logs, metric state): loss, compiled metrics and sharpness, as the
@@ -237,7 +296,7 @@ def logs(sam, result: Result, trainable, non_trainable, metric_values,
     mapping = list(zip(metric_vars, metric_values))
     mapping += list(zip(sam.trainable_variables, trainable))
     mapping += list(zip(sam.non_trainable_variables, non_trainable))
-    n = ops.cast(_batch_size(x), "float32")
+    n = _batch_size(x)   # a Python int, as Keras's own step passes it
     with keras.StatelessScope(state_mapping=mapping,
                               collect_losses=True) as scope:
         if result.metrics is None:   # per-output loss trackers

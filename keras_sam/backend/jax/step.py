@@ -61,8 +61,7 @@ def train_step(sam, state, data):
     direction = result.direction
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # A non-finite gradient makes the optimizer skip and lower the scale.
-        direction = [direction[0] * ops.where(result.finite, 1.0,
-                                              float("nan"))] + direction[1:]
+        direction = stateless.mark_non_finite(direction, result.finite)
         new_trainable, new_optimizer = optimizer.stateless_apply(
             optimizer_values, direction, trainable)
     else:

@@ -24,19 +24,22 @@ base optimizer bit for bit).
 The variants (keras_sam.variants) change two things only: how many batches
 pass 2 sees (`num_batch_splits` cuts the batch into chunks, each with its own
 e at the same w) and which gradient the update applies (GSAM, every-k,
-LookSAM); both are decided here, the arithmetic is theirs.
+LookSAM); both are decided here, the arithmetic is theirs. Momentum-SAM
+(`direction="momentum"`) replaces both passes by one at w + e, with e from
+the optimizer's first moment (`passes.momentum_pass`); what follows, the
+skip and the update, is the same.
 """
 
 from __future__ import annotations
+
+import functools
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 from keras_sam import _keras_compat, step, variants
-from keras_sam.backend import tf_gradients as gradients
-from keras_sam.backend import tf_replicas as replicas
-from keras_sam.backend import tf_splits as splits
+from keras_sam.backend.tensorflow import gradients, passes, replicas
 from keras_sam.perturbation import global_norm, perturbation
 
 
@@ -62,16 +65,21 @@ def train_step(sam, data):
     dense = sam.jit_compile is True or options.combines_gradients
 
     # Pass 1 at w: the loss, metrics and state updates that the logs report.
-    if options.splits == 1:
-        y_pred, loss, grads = _clean_pass(sam, x, y, sample_weight)
+    if options.momentum:
+        # Momentum-SAM: the step's only pass, at w + e from the momentum.
+        y_pred, loss, grads = passes.momentum_pass(
+            sam, x, y, sample_weight, rho, perturbed_mask, state_variables)
+        chunks = []
+    elif options.splits == 1:
+        y_pred, loss, grads = passes.clean_pass(sam, x, y, sample_weight)
         chunks = [(x, y, sample_weight, grads, None)]
     else:
-        y_pred, loss, grads, chunks = splits.clean_pass_in_chunks(
+        y_pred, loss, grads, chunks = passes.clean_pass_in_chunks(
             sam, x, y, sample_weight, options.splits, state_variables,
             state_before)
     sam._loss_tracker.update_state(
         _keras_compat.unscale_loss_for_distribution(loss),
-        sample_weight=batch_size(x),
+        sample_weight=passes.batch_size(x),
     )
     live = [i for i, g in enumerate(grads) if g is not None]
     live_variables = [variables[i] for i in live]
@@ -81,7 +89,7 @@ def train_step(sam, data):
 
     # Per chunk: e(w) from the perturbed variables' gradient, from this
     # replica's shard, or from the whole batch when synchronized.
-    ascents, finite = [], None
+    ascents, checks = [], []
     for _, _, _, chunk_grads, size in chunks:
         ascent = [chunk_grads[i] for i in ascent_ids]
         if sam.sync_perturbation:
@@ -92,14 +100,15 @@ def train_step(sam, data):
         chunk_finite = tf.math.is_finite(norm)
         if size is not None:   # an empty chunk (batch < splits) is left out
             chunk_finite = tf.logical_or(chunk_finite, size == 0.0)
-        finite = chunk_finite if finite is None else tf.logical_and(
-            finite, chunk_finite)
-    others = [grads[i] for i in live if not perturbed_mask[i]]
-    if others:   # unperturbed variables must be finite too
-        finite = tf.logical_and(finite, tf.math.is_finite(
-            gradients.fused_norm([getattr(g, "values", g)
-                                  for g in others])))
-    finite = replicas.all_replicas(finite)
+        checks.append(chunk_finite)
+    # Unperturbed variables (all of them under Momentum-SAM) must have a
+    # finite gradient too.
+    others = [grads[i] for i in live
+              if options.momentum or not perturbed_mask[i]]
+    if others:
+        checks.append(tf.math.is_finite(gradients.fused_norm(
+            [getattr(g, "values", g) for g in others])))
+    finite = replicas.all_replicas(functools.reduce(tf.logical_and, checks))
     sam_step = (True if options.sam_every == 1 else
                 variants.is_sam_step(iteration, options.sam_every))
 
@@ -129,16 +138,9 @@ def train_step(sam, data):
                 perturbed[i] = w + e
             else:
                 perturbed[i] = tf.tensor_scatter_nd_add(w, indices[:, None], e)
-        watched = [perturbed[i] for i in live]
-        mapping = list(zip(variables, perturbed))
-        mapping += list(zip(state_variables, state_before))
-        with tf.GradientTape() as tape:
-            tape.watch(watched)
-            with keras.StatelessScope(state_mapping=mapping,
-                                      collect_losses=True):
-                _, perturbed_loss = forward(sam, cx, cy, csw)
-                scaled = optimizer.scale_loss(perturbed_loss)
-        sam_grads = tape.gradient(scaled, watched)
+        _, perturbed_loss, sam_grads, _ = passes.stateless_pass(
+            sam, perturbed, state_variables, state_before, cx, cy, csw,
+            watch=live)
         if dense:
             sam_grads = gradients.densify(sam_grads)
         return ops.cast(perturbed_loss, "float32"), sam_grads
@@ -171,6 +173,8 @@ def train_step(sam, data):
         return tf.constant(float("nan")), direction, old_directions()
 
     def update_direction():
+        if options.momentum:   # the gradient at w + e, already taken
+            return tf.constant(float("nan")), [grads[i] for i in live], []
         if sam_step is True:
             return sam_update()
         return tf.cond(sam_step, sam_update, one_pass_update)
@@ -227,33 +231,5 @@ def train_step(sam, data):
         perturbed_loss - ops.cast(loss, "float32")
     )
     step.track_sharpness(sam._sharpness_tracker, sharpness, took_sam_step,
-                         batch_size(x))
+                         passes.batch_size(x))
     return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def _clean_pass(sam, x, y, sample_weight):
-    """Pass 1 on the whole batch, with its state updates: (y_pred, loss,
-    scaled gradients of every trainable variable)."""
-    with tf.GradientTape() as tape:
-        y_pred, loss = forward(sam, x, y, sample_weight)
-        scaled_loss = sam.optimizer.scale_loss(loss)
-    return y_pred, loss, tape.gradient(scaled_loss, sam.trainable_variables)
-
-
-def forward(sam, x, y, sample_weight):
-    """y_pred and the training loss (compiled loss plus `model.losses`)."""
-    y_pred = sam(x, training=True)
-    loss = sam._compute_loss(
-        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-    )
-    return y_pred, loss
-
-
-def static_batch_size(x):
-    first = next(t for t in keras.tree.flatten(x) if t is not None)
-    return first.shape[0]
-
-
-def batch_size(x):
-    first = next(t for t in keras.tree.flatten(x) if t is not None)
-    return tf.shape(first)[0]

@@ -9,9 +9,15 @@ The variables hold w throughout: pass 2 differentiates tensors that a
 `keras.StatelessScope` hands to the layers in place of the variables, so a
 step that fails half-way leaves nothing at w + e. (keras_sam.backend.
 stateless has the step; this file only says how PyTorch differentiates and
-branches, and writes the results.) A non-finite g skips the update and every
-state write; under a LossScaleOptimizer the optimizer skips it and lowers the
-scale. Gradients that are None (variables the loss does not use) leave their
+branches, and writes the results.)
+
+Nothing in the step waits for the GPU: whether g was finite is never read
+on the host. The update runs on every step and a non-finite g selects the
+old values back on the device (`torch.where` against a snapshot of what the
+optimizer writes); under a LossScaleOptimizer the optimizer skips the step
+and lowers the scale itself. Norms and w + s g are fused over all variables
+(`torch._foreach_*`); no scalar is copied from the host during the step.
+Gradients that are None (variables the loss does not use) leave their
 variable out of the update, as Keras's own PyTorch step does.
 
 One device per process (CPU or CUDA), as Keras's PyTorch trainer; for
@@ -25,6 +31,7 @@ import torch
 
 from keras_sam import _keras_compat, step
 from keras_sam.backend import stateless
+from keras_sam.perturbation import global_norm
 
 
 class _Autodiff(stateless.Autodiff):
@@ -34,7 +41,9 @@ class _Autodiff(stateless.Autodiff):
     (`finish`)."""
 
     def __init__(self):
-        super().__init__(value_and_grad=self._value_and_grad, cond=_cond)
+        super().__init__(value_and_grad=self._value_and_grad, cond=_cond,
+                         norm=_fused_norm, add=_fused_add_scaled,
+                         decide=bool)
         self._start, self._after = _rng_state(), None
         self.used = None   # per variable: does the loss use it (pass 1)
 
@@ -75,6 +84,28 @@ def _cond(pred, true_fn, false_fn):
     return true_fn() if bool(pred) else false_fn()
 
 
+def _same_dtype(tensors) -> bool:
+    return len({t.dtype for t in tensors}) == 1
+
+
+def _fused_norm(tensors):
+    """||g||_2 over all tensors, float32: one fused kernel for the
+    per-tensor norms."""
+    if not tensors or not _same_dtype(tensors) or \
+            tensors[0].dtype != torch.float32:
+        return global_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(
+        torch._foreach_norm(list(tensors))))
+
+
+def _fused_add_scaled(weights, grads, scale):
+    """[w + s g], two fused kernels for the whole list."""
+    if not weights or not _same_dtype(list(weights) + list(grads)):
+        return step.add_scaled(weights, grads, scale)
+    scaled = torch._foreach_mul(list(grads), scale.to(grads[0].dtype))
+    return torch._foreach_add(list(weights), scaled)
+
+
 def train_step(sam, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`) on one batch."""
     _keras_compat.ensure_built(sam, data)
@@ -82,6 +113,10 @@ def train_step(sam, data):
     trainable_vars, state_vars, optimizer_vars, metric_vars = \
         stateless.variable_lists(sam)
     step.check_trainable(sam, trainable_vars)
+    optimizer = sam.optimizer
+    if not optimizer.built:   # its state is snapshot and read below
+        optimizer.build(trainable_vars)
+        optimizer_vars = list(optimizer.variables)
     values = lambda vs: [v.value for v in vs]  # noqa: E731
     trainable, non_trainable = values(trainable_vars), values(state_vars)
     metric_values = values(metric_vars)
@@ -90,22 +125,27 @@ def train_step(sam, data):
                                 values(optimizer_vars), metric_values, data,
                                 autodiff)
     autodiff.finish()
-    optimizer = sam.optimizer
+    direction = result.direction
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    finite = bool(result.finite)
-    if finite or is_lso:
-        direction = result.direction
-        if not finite:   # the optimizer skips and lowers the loss scale
-            direction = [direction[0] * float("nan")] + direction[1:]
-        pairs = [(d, v) for d, v, used in
-                 zip(direction, trainable_vars, autodiff.used) if used]
-        with torch.no_grad():
-            # w <- optimizer(w, d), at the original w.
-            optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
-    if finite:
-        for v, new in zip(state_vars,
-                          stateless.new_state(sam, result, non_trainable)):
-            v.assign(new)
+    if is_lso:   # a non-finite g: the optimizer skips and lowers the scale
+        direction = stateless.mark_non_finite(direction, result.finite)
+    pairs = [(d, v) for d, v, used in
+             zip(direction, trainable_vars, autodiff.used) if used]
+    written = [v for _, v in pairs]
+    with torch.no_grad():
+        if not is_lso:
+            written += optimizer_vars
+            before = [v.value.clone() for v in written]
+        # w <- optimizer(w, d), at the original w.
+        optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
+        if not is_lso:   # a non-finite g keeps every value as it was
+            for v, old in zip(written, before):
+                torch.where(result.finite, v.value, old, out=v.value)
+        for v, new, old in zip(state_vars,
+                               stateless.new_state(sam, result,
+                                                   non_trainable),
+                               non_trainable):
+            v.assign(torch.where(result.finite, new, old))
     logs, metric_values = stateless.logs(sam, result, trainable,
                                          non_trainable, metric_values, data)
     for v, new in zip(metric_vars, metric_values):
