@@ -3,6 +3,7 @@ SAM, on JAX or PyTorch.
 
     python benchmarks/gpu_step_time.py --backend jax      # or torch
     python benchmarks/gpu_step_time.py --backend torch --small   # CPU try-out
+    python benchmarks/gpu_step_time.py --backend torch --profile  # host syncs
 
 Rows (float32, and the Transformer also under `mixed_bfloat16`):
 
@@ -46,6 +47,7 @@ import numpy as np  # noqa: E402
 
 import keras_sam  # noqa: E402
 import other_backends  # noqa: E402
+import step_time  # noqa: E402
 
 SMALL = "--small" in sys.argv
 RHO = 0.05
@@ -99,6 +101,8 @@ ROWS = {
     "Transformer d512 L4 s256 b64": (transformer, "float32"),
     "Transformer, mixed_bfloat16": (transformer, "mixed_bfloat16"),
     "MLP 4096 b1024": (mlp, "float32"),
+    "step_time.py's MLP": (step_time.mlp, "float32"),
+    "step_time.py's CNN+BN": (step_time.cnn, "float32"),
 }
 VARIANTS = ("base", "floor", "SAM", "MSAM", "peer base", "peer SAM")
 
@@ -176,7 +180,7 @@ def build_peer_torch(make, sam: bool):
     keras.utils.set_random_seed(0)
     model, x, y = make()
     loss_fn = _loss()
-    device = keras.backend.convert_to_tensor(0.0).device
+    device = keras.ops.convert_to_tensor(0.0).device
     x, y = torch.as_tensor(x, device=device), torch.as_tensor(y,
                                                              device=device)
     model(x[:1])
@@ -239,6 +243,34 @@ def time_row(make, policy, rounds, seconds, variants=VARIANTS):
     return {v: np.array(t[v]) for v in variants}
 
 
+def host_work(make, steps=5) -> dict:
+    """PyTorch: per `fit` step of the floor and of SAM, the host syncs
+    (`cudaStreamSynchronize`, `.item()`/`bool()` on a tensor), host-to-device
+    copies and kernel launches, from `torch.profiler`."""
+    import torch
+
+    keys = {"stream syncs": ("cudaStreamSynchronize",),
+            "item/bool": ("aten::_local_scalar_dense", "aten::is_nonzero"),
+            "host-to-device copies": ("Memcpy HtoD",),
+            "kernel launches": ("cudaLaunchKernel",)}
+    out = {}
+    for variant in ("floor", "SAM"):
+        run = build_fit(make, variant)
+        run(3)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            run(steps)
+        counts = {}
+        for event in prof.key_averages():
+            for name, prefixes in keys.items():
+                if any(event.key.startswith(p) for p in prefixes):
+                    counts[name] = counts.get(name, 0) + event.count
+        out[variant] = {k: counts.get(k, 0) / steps for k in keys}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="jax", choices=("jax", "torch"))
@@ -247,7 +279,18 @@ def main(argv=None):
     parser.add_argument("--rows", nargs="*", default=list(ROWS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--profile", action="store_true",
+                        help="PyTorch: count host syncs, host-to-device "
+                        "copies and launches per step (floor vs SAM)")
     args = parser.parse_args(argv)
+    if args.profile:
+        print("| model | per step | floor | SAM |\n|---|---|---|---|")
+        for name in args.rows:
+            counts = host_work(ROWS[name][0])
+            for key in counts["floor"]:
+                print(f"| {name} | {key} | {counts['floor'][key]:.1f} | "
+                      f"{counts['SAM'][key]:.1f} |", flush=True)
+        return None
     print(f"{other_backends.device_name()}, Keras {keras.__version__}; "
           f"median of {args.rounds} alternating rounds"
           + (" (--small models)" if args.small else ""), flush=True)

@@ -27,6 +27,21 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# On a GPU the suite runs its float32 matmuls and convolutions in full
+# float32: JAX's default there is TF32 (10-bit mantissa), which moves the
+# steps by 5e-5..1e-3 against the float64 reference; PyTorch's cuDNN
+# convolutions default to TF32 as well.
+if BACKEND == "jax":
+    import jax
+
+    if jax.default_backend() == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+elif BACKEND == "torch":
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
 # Files whose tests run on every backend; their TensorFlow-only tests carry
 # @pytest.mark.tensorflow_only.
 PORTABLE = {

@@ -28,7 +28,7 @@ to map a function over the devices' shards of the batch, for per-device e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import keras
 from keras import ops
@@ -52,6 +52,9 @@ class Autodiff:
         `step.add_scaled`)
     decide(pred) -> pred as a Python bool, read before pass 1 is queued
         (None: branch on the traced value with `cond`)
+    live: whether the variables hold the values the step starts from
+        (PyTorch): a pass then maps only the trainable variables to values
+        and reads the others from the variables (JAX traces values: False)
     """
     value_and_grad: Callable
     cond: Callable
@@ -59,6 +62,7 @@ class Autodiff:
     norm: Callable = global_norm
     add: Callable = step.add_scaled
     decide: Optional[Callable] = None
+    live: bool = False
 
 
 @dataclasses.dataclass
@@ -75,22 +79,33 @@ class Result:
     looksam: list          # LookSAM's g_v after the step ([] without)
 
 
-def variable_lists(sam) -> tuple:
-    """(trainable, non-trainable, optimizer, metric) variables: the order of
-    the values the step takes."""
-    return (list(sam.trainable_variables), list(sam.non_trainable_variables),
-            list(sam.optimizer.variables), list(sam.metrics_variables))
+class Variables(NamedTuple):
+    """The model's variables in the order of the values the step takes
+    (Keras's JAX state), collected once per step."""
+    trainable: list
+    state: list        # non-trainable: layer state, LookSAM's buffers
+    optimizer: list
+    metrics: list
 
 
-def loss_function(sam, non_trainable, optimizer_values, metric_values):
+def variable_lists(sam) -> Variables:
+    return Variables(list(sam.trainable_variables),
+                     list(sam.non_trainable_variables),
+                     list(sam.optimizer.variables),
+                     list(sam.metrics_variables))
+
+
+def loss_function(sam, variables: Variables, non_trainable, optimizer_values,
+                  metric_values, live: bool = False):
     """fn(w, x, y, sw) -> (scaled loss, (loss, y_pred, s', metric state)),
     the training loss (compiled loss plus `model.losses`) at weights w from
     layer state `non_trainable`; nothing is written to any variable."""
-    trainable_vars, state_vars, optimizer_vars, metric_vars = \
-        variable_lists(sam)
-    fixed = list(zip(state_vars, non_trainable))
-    fixed += list(zip(optimizer_vars, optimizer_values))
-    fixed += list(zip(metric_vars, metric_values))
+    trainable_vars, state_vars, optimizer_vars, metric_vars = variables
+    fixed = []
+    if not live:   # else the variables hold these values already
+        fixed = list(zip(state_vars, non_trainable))
+        fixed += list(zip(optimizer_vars, optimizer_values))
+        fixed += list(zip(metric_vars, metric_values))
 
     def fn(trainable, x, y, sample_weight):
         mapping = list(zip(trainable_vars, trainable)) + fixed
@@ -110,29 +125,30 @@ def loss_function(sam, non_trainable, optimizer_values, metric_values):
     return fn
 
 
-def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
-             data, autodiff: Autodiff, shards: int = 1) -> Result:
+def sam_step(sam, variables: Variables, trainable, non_trainable,
+             optimizer_values, metric_values, data, autodiff: Autodiff,
+             shards: int = 1) -> Result:
     """The SAM step's direction and new state for one batch (see module)."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     options, optimizer = sam.options, sam.optimizer
-    trainable_vars, state_vars, optimizer_vars, _ = variable_lists(sam)
+    trainable_vars, state_vars, optimizer_vars, _ = variables
     step.check_trainable(sam, trainable_vars)
     ascent_ids = [i for i, m in enumerate(sam.perturbed_mask(trainable_vars))
                   if m]
     other_ids = [i for i in range(len(trainable_vars)) if i not in ascent_ids]
-    with keras.StatelessScope(
-            state_mapping=list(zip(optimizer_vars, optimizer_values))):
+    with keras.StatelessScope(state_mapping=[] if autodiff.live else list(
+            zip(optimizer_vars, optimizer_values))):
         iteration = ops.convert_to_tensor(optimizer.iterations)
         rho = options.rho_at(iteration)
     sam_now = (True if options.sam_every == 1 else
                variants.is_sam_step(iteration, options.sam_every))
     if sam_now is not True and autodiff.decide is not None:
         sam_now = autodiff.decide(sam_now)
-    loss_at = loss_function(sam, non_trainable, optimizer_values,
-                            metric_values)
+    loss_at = loss_function(sam, variables, non_trainable, optimizer_values,
+                            metric_values, live=autodiff.live)
     if options.momentum:
-        return _momentum_step(sam, trainable, optimizer_values, loss_at,
-                              data, autodiff, rho, ascent_ids)
+        return _momentum_step(sam, variables, trainable, optimizer_values,
+                              loss_at, data, autodiff, rho, ascent_ids)
     own = _looksam_positions(sam, state_vars)
     stored = [non_trainable[k] for k in own[:-1]]
     stored_norm = non_trainable[own[-1]] if own else None
@@ -239,14 +255,15 @@ def sam_step(sam, trainable, non_trainable, optimizer_values, metric_values,
                   perturbed_loss=perturbed_loss, looksam=list(new_looksam))
 
 
-def _momentum_step(sam, trainable, optimizer_values, loss_at, data,
-                   autodiff: Autodiff, rho, ascent_ids) -> Result:
+def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
+                   loss_at, data, autodiff: Autodiff, rho,
+                   ascent_ids) -> Result:
     """Momentum-SAM: one pass at w + e, e = -rho u / ||u|| from the
     optimizer's first moment u = sign m (keras_sam.momentum); its state
     moves as a clean pass's would."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    positions, sign = momentum.moment_positions(
-        sam.optimizer, list(sam.trainable_variables))
+    positions, sign = momentum.moment_positions(sam.optimizer,
+                                                variables.trainable)
     moments = [optimizer_values[positions[i]] for i in ascent_ids]
     # e = perturbation(m, -sign rho): the ball's formula with u for g.
     climbed = step.climb(trainable, moments, ascent_ids, -sign * rho,
@@ -261,11 +278,12 @@ def _momentum_step(sam, trainable, optimizer_values, loss_at, data,
                   perturbed_loss=loss, looksam=[])
 
 
-def new_state(sam, result: Result, non_trainable) -> list:
+def new_state(sam, variables: Variables, result: Result,
+              non_trainable) -> list:
     """The non-trainable values after the step: s' from pass 1, and
     LookSAM's g_v and ||g_v|| where a SAM step was applied."""
     state = list(result.state)
-    own = _looksam_positions(sam, list(sam.non_trainable_variables))
+    own = _looksam_positions(sam, variables.state)
     if own:
         took = result.took_sam_step
         for k, g_v in zip(own[:-1], result.looksam):
@@ -285,17 +303,18 @@ def mark_non_finite(direction, finite) -> list:
         list(direction[1:])
 
 
-def logs(sam, result: Result, trainable, non_trainable, metric_values,
-         data) -> tuple:
+def logs(sam, variables: Variables, result: Result, trainable,
+         non_trainable, metric_values, data, live: bool = False) -> tuple:
     """(logs, metric state): loss, compiled metrics and sharpness, as the
     wrapped model would report them."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    metric_vars = list(sam.metrics_variables)
+    metric_vars = variables.metrics
     if result.metrics is not None:
         metric_values = result.metrics
     mapping = list(zip(metric_vars, metric_values))
-    mapping += list(zip(sam.trainable_variables, trainable))
-    mapping += list(zip(sam.non_trainable_variables, non_trainable))
+    if not live or result.metrics is None:   # compute_loss reads weights
+        mapping += list(zip(variables.trainable, trainable))
+        mapping += list(zip(variables.state, non_trainable))
     n = _batch_size(x)   # a Python int, as Keras's own step passes it
     with keras.StatelessScope(state_mapping=mapping,
                               collect_losses=True) as scope:

@@ -55,9 +55,10 @@ def train_step(sam, state, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`): (logs, new state)."""
     trainable, non_trainable, optimizer_values, metric_values = state
     optimizer = sam.optimizer
+    variables = stateless.variable_lists(sam)
     result = stateless.sam_step(
-        sam, trainable, non_trainable, optimizer_values, metric_values, data,
-        AUTODIFF, shards=_data_parallel_shards(data))
+        sam, variables, trainable, non_trainable, optimizer_values,
+        metric_values, data, AUTODIFF, shards=_data_parallel_shards(data))
     direction = result.direction
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # A non-finite gradient makes the optimizer skip and lower the scale.
@@ -71,8 +72,9 @@ def train_step(sam, state, data):
         new_trainable = _where(result.finite, new_trainable, trainable)
         new_optimizer = _where(result.finite, new_optimizer,
                                optimizer_values)
-    new_non_trainable = stateless.new_state(sam, result, non_trainable)
-    logs, metric_values = stateless.logs(sam, result, trainable,
+    new_non_trainable = stateless.new_state(sam, variables, result,
+                                            non_trainable)
+    logs, metric_values = stateless.logs(sam, variables, result, trainable,
                                          non_trainable, metric_values, data)
     return logs, (new_trainable, new_non_trainable, new_optimizer,
                   metric_values)

@@ -43,7 +43,7 @@ class _Autodiff(stateless.Autodiff):
     def __init__(self):
         super().__init__(value_and_grad=self._value_and_grad, cond=_cond,
                          norm=_fused_norm, add=_fused_add_scaled,
-                         decide=bool)
+                         decide=bool, live=True)
         self._start, self._after = _rng_state(), None
         self.used = None   # per variable: does the loss use it (pass 1)
 
@@ -110,19 +110,16 @@ def train_step(sam, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`) on one batch."""
     _keras_compat.ensure_built(sam, data)
     sam.build_sam_state()
-    trainable_vars, state_vars, optimizer_vars, metric_vars = \
-        stateless.variable_lists(sam)
-    step.check_trainable(sam, trainable_vars)
     optimizer = sam.optimizer
     if not optimizer.built:   # its state is snapshot and read below
-        optimizer.build(trainable_vars)
-        optimizer_vars = list(optimizer.variables)
-    values = lambda vs: [v.value for v in vs]  # noqa: E731
-    trainable, non_trainable = values(trainable_vars), values(state_vars)
-    metric_values = values(metric_vars)
+        optimizer.build(sam.trainable_variables)
+    variables = stateless.variable_lists(sam)
+    step.check_trainable(sam, variables.trainable)
+    trainable, non_trainable, optimizer_values, metric_values = (
+        [v.value for v in vs] for vs in variables)
     autodiff = _Autodiff()
-    result = stateless.sam_step(sam, trainable, non_trainable,
-                                values(optimizer_vars), metric_values, data,
+    result = stateless.sam_step(sam, variables, trainable, non_trainable,
+                                optimizer_values, metric_values, data,
                                 autodiff)
     autodiff.finish()
     direction = result.direction
@@ -130,24 +127,24 @@ def train_step(sam, data):
     if is_lso:   # a non-finite g: the optimizer skips and lowers the scale
         direction = stateless.mark_non_finite(direction, result.finite)
     pairs = [(d, v) for d, v, used in
-             zip(direction, trainable_vars, autodiff.used) if used]
+             zip(direction, variables.trainable, autodiff.used) if used]
     written = [v for _, v in pairs]
     with torch.no_grad():
         if not is_lso:
-            written += optimizer_vars
+            written += variables.optimizer
             before = [v.value.clone() for v in written]
         # w <- optimizer(w, d), at the original w.
         optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
         if not is_lso:   # a non-finite g keeps every value as it was
             for v, old in zip(written, before):
                 torch.where(result.finite, v.value, old, out=v.value)
-        for v, new, old in zip(state_vars,
-                               stateless.new_state(sam, result,
-                                                   non_trainable),
-                               non_trainable):
+        new_state = stateless.new_state(sam, variables, result,
+                                        non_trainable)
+        for v, new, old in zip(variables.state, new_state, non_trainable):
             v.assign(torch.where(result.finite, new, old))
-    logs, metric_values = stateless.logs(sam, result, trainable,
-                                         non_trainable, metric_values, data)
-    for v, new in zip(metric_vars, metric_values):
+    logs, metric_values = stateless.logs(sam, variables, result, trainable,
+                                         non_trainable, metric_values, data,
+                                         live=True)
+    for v, new in zip(variables.metrics, metric_values):
         v.assign(new)
     return logs
