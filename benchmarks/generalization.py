@@ -1,6 +1,6 @@
 """What each SAM variant buys on MNIST-1D: test accuracy, sharpness, time.
 
-    python benchmarks/generalization.py                 # full run (~16 min)
+    python benchmarks/generalization.py                 # full run (~25 min)
     python benchmarks/generalization.py --quick         # 1 seed, short runs
     python benchmarks/generalization.py --report        # table + plot again
                                                         # from the last run
@@ -49,19 +49,23 @@ from examples.mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-SAM_GRID = [0.02, 0.05, 0.1, 0.2]
+SAM_GRID = [0.02, 0.05, 0.1, 0.2, 0.5]
 VARIANTS = {
     # name: (SAMModel arguments, grid of {argument: value} chosen on the
     # validation split); None: the base optimizer
     "SGD": (None, [{}]),
     "SAM": ({}, [{"rho": r} for r in SAM_GRID]),
-    "ASAM": ({"adaptive": True}, [{"rho": r} for r in (0.2, 0.5, 1.0, 2.0)]),
+    "ASAM": ({"adaptive": True},
+             [{"rho": r} for r in (0.2, 0.5, 1.0, 2.0, 5.0)]),
     "GSAM (alpha=0.2)": ({"gsam_alpha": 0.2},
                          [{"rho": r} for r in SAM_GRID]),
     "SAM every 4th step": ({"sam_every": 4}, [{"rho": r} for r in SAM_GRID]),
     "LookSAM (k=5)": ({"sam_every": 5},
                       [{"rho": r, "looksam_alpha": a} for r in SAM_GRID
                        for a in (0.2, 0.7)]),
+    # Momentum-SAM: one gradient per step, rho far above SAM's.
+    "MSAM": ({"direction": "momentum"},
+             [{"rho": r} for r in (0.3, 1.0, 2.0, 3.0, 6.0)]),
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 import keras_sam
 
-VARIANTS = ("base", "floor", "SAM")
+VARIANTS = ("base", "floor", "SAM", "MSAM")
 
 
 def floor_model(model: keras.Model) -> keras.Model:
@@ -115,6 +115,8 @@ def build(models, model_name: str, variant: str):
         wrapped = model
     elif variant == "floor":
         wrapped = floor_model(model)
+    elif variant == "MSAM":
+        wrapped = keras_sam.SAMModel(model, rho=2.0, direction="momentum")
     else:
         wrapped = keras_sam.SAMModel(model, rho=0.05)
     wrapped.compile(
@@ -144,7 +146,9 @@ def time_model(models, model_name: str, rounds: int, seconds: float) -> dict:
             "floor_ms": 1e3 * float(np.median(t["floor"])),
             "sam_ms": 1e3 * float(np.median(t["SAM"])),
             "sam_over_base": float(np.median(t["SAM"] / t["base"])),
-            "sam_over_floor": float(np.median(t["SAM"] / t["floor"]))}
+            "sam_over_floor": float(np.median(t["SAM"] / t["floor"])),
+            "msam_ms": 1e3 * float(np.median(t["MSAM"])),
+            "msam_over_base": float(np.median(t["MSAM"] / t["base"]))}
 
 
 def _xla_temp_bytes(built) -> int:
@@ -207,7 +211,8 @@ def memory_model(script: str, model_name: str, steps: int) -> dict:
     work = {v: out[v]["working_bytes"] / mb for v in VARIANTS}
     return {"weights_mb": weights, "base_working_mb": work["base"],
             "overhead_mb": work["SAM"] - work["base"],
-            "over_floor_mb": work["SAM"] - work["floor"]}
+            "over_floor_mb": work["SAM"] - work["floor"],
+            "msam_overhead_mb": work["MSAM"] - work["base"]}
 
 
 def device_name() -> str:
@@ -240,16 +245,19 @@ def main(args, models, script: str):
     print(f"\n{device_name()}, Keras {keras.__version__}; median of "
           f"{rounds} alternating rounds\n")
     print("| model | base ms/step | floor ms/step | SAM ms/step | SAM/base "
-          "| SAM/floor | SAM - base memory | SAM - floor memory "
-          "| trainable weights |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| SAM/floor | MSAM ms/step | MSAM/base | SAM - base memory "
+          "| SAM - floor memory | MSAM - base memory | trainable weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in rows:
-        mem = (f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB"
-               if "overhead_mb" in r else "not counted (CPU) | -")
+        mem = (f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB | "
+               f"{r['msam_overhead_mb']:.2f} MB" if "overhead_mb" in r
+               else "not counted (CPU) | - | -")
         print(f"| {r['model']} | {r.get('base_ms', nan):.2f} | "
               f"{r.get('floor_ms', nan):.2f} | {r.get('sam_ms', nan):.2f} | "
               f"{r.get('sam_over_base', nan):.3f} | "
-              f"{r.get('sam_over_floor', nan):.3f} | {mem} | "
+              f"{r.get('sam_over_floor', nan):.3f} | "
+              f"{r.get('msam_ms', nan):.2f} | "
+              f"{r.get('msam_over_base', nan):.3f} | {mem} | "
               f"{r['weights_mb']:.2f} MB |")
     return rows

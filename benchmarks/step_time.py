@@ -158,6 +158,7 @@ VARIANTS = ("base", "floor", "SAM")
 NEVER = 10**9
 VARIANT_STEPS = {
     "SAM": ({}, 0),
+    "MSAM (direction=momentum)": ({"direction": "momentum", "rho": 2.0}, 0),
     "p=inf": ({"p": float("inf")}, 0),
     "ASAM": ({"adaptive": True, "rho": 0.5}, 0),
     "GSAM": ({"gsam_alpha": 0.3}, 0),
@@ -241,6 +242,20 @@ def looksam_buffer_mb(model_name: str) -> tuple[float, float]:
     return ((out["LookSAM k=5: cycle mean"]["resident_bytes"]
              - out["SAM"]["resident_bytes"]) / mb,
             out["SAM"]["weights_bytes"] / mb)
+
+
+def msam_working_mb(model_name: str) -> float:
+    """Working memory of an MSAM step minus the base step's (MB), each in a
+    fresh process, as for SAM."""
+    out = {}
+    for variant in ("base", "MSAM (direction=momentum)"):
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-child", model_name, variant,
+             "--steps", "5"], capture_output=True, text=True, check=True,
+            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
+        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    return (out["MSAM (direction=momentum)"]["working_bytes"]
+            - out["base"]["working_bytes"]) / 1024.0 ** 2
 
 
 def time_model(model_name: str, rounds: int, seconds: float) -> dict:
@@ -350,14 +365,15 @@ def variants_table(models, rounds: int, seconds: float) -> dict:
     tables = {}
     for name in models:
         tables[name] = (time_variants(name, rounds, seconds),
-                        looksam_buffer_mb(name))
+                        looksam_buffer_mb(name), msam_working_mb(name))
         print(f"measured {name}", file=sys.stderr)
     print(f"\nTensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPU cores; median of {rounds} alternating "
           "rounds; rho = 0.05 (ASAM 0.5)")
-    for name, (rows, (extra, weights)) in tables.items():
+    for name, (rows, (extra, weights), msam) in tables.items():
         print(f"\n{name}: LookSAM's g_v buffer {extra:.2f} MB resident over "
-              f"SAM, trainable weights {weights:.2f} MB\n")
+              f"SAM; MSAM's step {msam:.2f} MB of working memory over the "
+              f"base step; trainable weights {weights:.2f} MB\n")
         print("| step | ms/step | / base | / SAM | / floor |")
         print("|---|---|---|---|---|")
         for r in rows:

@@ -8,12 +8,13 @@
 from keras_sam import analysis, callbacks, schedules, selection, variants
 from keras_sam.model import SAMModel
 from keras_sam.perturbation import global_norm, perturbation, sam_perturbation
-from keras_sam.saving import load_model
+from keras_sam.saving import load_model, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SAMModel", "analysis", "callbacks", "global_norm", "load_model",
+    "load_weights",
     "perturbation",
     "sam_perturbation", "schedules", "selection", "variants", "__version__",
 ]

@@ -17,7 +17,9 @@ class SharpnessMonitor(keras.callbacks.Callback):
         hessian_max_eigenvalue   the top eigenvalue of the Hessian of L
         hessian_trace            Hutchinson's estimate (when `trace_probes`)
 
-    on the data given here, in inference mode. Works on any compiled model,
+    on the data given here, in inference mode; on the epochs in between
+    they are NaN (`CSVLogger` fixes its columns at the first epoch). Works
+    on any compiled model,
     SAM-trained or not. Place it before the loggers in `callbacks` (Keras
     calls callbacks in order; `History` always comes last).
 
@@ -67,6 +69,16 @@ class SharpnessMonitor(keras.callbacks.Callback):
         return logs
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every or logs is None:
+        if logs is None:
+            return
+        if (epoch + 1) % self.every:
+            # Not measured this epoch: NaN, so that loggers that fix their
+            # columns at the first epoch (CSVLogger) have them from there.
+            logs.update(dict.fromkeys(self._names(), float("nan")))
             return
         logs.update(self.measure())
+
+    def _names(self) -> list:
+        return (["eval_sharpness"]
+                + (["hessian_max_eigenvalue"] if self.hessian else [])
+                + (["hessian_trace"] if self.trace_probes else []))

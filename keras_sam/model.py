@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat, momentum
+from keras_sam import _keras_compat, momentum, watch
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
 from keras_sam.selection import selected
 from keras_sam.state import LookSAMState
+
+
+def _warn_about_bypassed_training(model) -> None:
+    """Two ways to train without SAM that wrapping cannot prevent."""
+    if type(model).train_step is not keras.Model.train_step:
+        warnings.warn(
+            f"'{model.name}' ({type(model).__name__}) defines its own "
+            "`train_step`, which SAMModel never calls: SAMModel runs its own "
+            "step (two gradients of the compiled loss plus `model.losses`). "
+            "Move what that train_step adds into the model's `call` (e.g. "
+            "`self.add_loss(...)`) or its loss, or wrap a model without it.",
+            stacklevel=3)
+    if getattr(model, "compiled", False):
+        warnings.warn(
+            f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
+            "trains it without SAM. Train through the wrapper "
+            "(`sam_model.compile(...)`, `sam_model.fit(...)`); the wrapped "
+            "model's own compile settings are not used.", stacklevel=3)
+
+
+def _with_watch(sam, callbacks):
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(watch.Watch(sam))
+        return callbacks
+    return list(callbacks or []) + [watch.Watch(sam)]
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -133,6 +159,7 @@ class SAMModel(keras.Model):
             num_batch_splits=num_batch_splits, perturb=perturb,
             sync_perturbation=sync_perturbation, direction=direction)
         self._sam_train_step = sam_backend.get_train_step()
+        _warn_about_bypassed_training(model)
         super().__init__(**kwargs)
         self.model = model
         self.options = options
@@ -267,23 +294,41 @@ class SAMModel(keras.Model):
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights saved from this SAMModel, or from the plain model
         it wraps (`model.save_weights`): pretrained weights go straight into
-        SAM fine-tuning."""
-        if saving.is_plain_layout(self, filepath):
-            return self.model.load_weights(filepath,
-                                           skip_mismatch=skip_mismatch,
-                                           **kwargs)
-        try:
-            return super().load_weights(filepath, skip_mismatch=skip_mismatch,
-                                        **kwargs)
-        except ValueError as error:
-            if not os.path.exists(filepath):
-                raise
-            try:   # a plain model's file that happens to have that group
-                return self.model.load_weights(filepath, **kwargs)
-            except ValueError:
-                pass
-            raise ValueError(saving.describe_weight_mismatch(
-                self, filepath, error)) from error
+        SAM fine-tuning. A file that does not fit changes nothing: every
+        variable keeps its value, and the error lists both sides."""
+        with saving.all_or_nothing(self):
+            if saving.is_plain_layout(self, filepath):
+                try:
+                    return self.model.load_weights(
+                        filepath, skip_mismatch=skip_mismatch, **kwargs)
+                except ValueError as error:
+                    raise ValueError(saving.describe_weight_mismatch(
+                        self, filepath, error)) from error
+            try:
+                return super().load_weights(filepath,
+                                            skip_mismatch=skip_mismatch,
+                                            **kwargs)
+            except ValueError as error:
+                if not os.path.exists(filepath):
+                    raise
+                try:   # a plain model's file that happens to have that group
+                    with saving.all_or_nothing(self):
+                        return self.model.load_weights(filepath, **kwargs)
+                except ValueError:
+                    pass
+                raise ValueError(saving.describe_weight_mismatch(
+                    self, filepath, error)) from error
+
+    def fit(self, *args, **kwargs):
+        """Keras's `fit`, with `keras_sam.watch.Watch` among the callbacks:
+        after each epoch it warns about a rho schedule that went negative or
+        non-finite, and about a loss that did not move at the start."""
+        if len(args) > 5:   # fit(x, y, batch_size, epochs, verbose, callbacks)
+            args = list(args)
+            args[5] = _with_watch(self, args[5])
+        else:
+            kwargs["callbacks"] = _with_watch(self, kwargs.get("callbacks"))
+        return super().fit(*args, **kwargs)
 
     def compile(self, optimizer="rmsprop", *args, **kwargs):
         super().compile(optimizer, *args, **kwargs)

@@ -37,11 +37,26 @@ def validate_rho(rho: Any) -> float:
     return rho
 
 
+def _first_value_checked(rho: Callable) -> Callable:
+    """A schedule whose value at iteration 0 is already bad fails now (later
+    iterations are checked by the step and by `SAMModel.fit`)."""
+    try:
+        value = float(keras.ops.convert_to_numpy(rho(0)))
+    except Exception:   # a schedule that needs a tensor: checked later
+        return rho
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(
+            "`rho` must give a finite value >= 0 at every iteration; the "
+            f"schedule returned {value} at iteration 0. Fix the schedule "
+            "(e.g. clip it with keras.ops.maximum(schedule(t), 0.0)).")
+    return rho
+
+
 def _rho(rho: Any) -> Rho:
     if isinstance(rho, keras.optimizers.schedules.LearningRateSchedule):
-        return rho
+        return _first_value_checked(rho)
     if callable(rho) and not isinstance(rho, type):
-        return rho
+        return _first_value_checked(rho)
     if _is_real(rho):
         return validate_rho(rho)
     raise TypeError(

@@ -12,6 +12,7 @@ Three ways out of training, for three uses:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 
@@ -29,8 +30,17 @@ _FORMATS = (
 def check_save_path(filepath) -> None:
     """Raise, before anything is written, for a path `save` cannot take."""
     path = os.fspath(filepath)
-    if path.endswith((".keras", ".h5", ".hdf5")):
+    if path.endswith(".keras"):
         return
+    if path.endswith((".h5", ".hdf5")):
+        stem = path.rsplit(".", 1)[0]
+        raise ValueError(
+            f"Cannot save a SAMModel to '{path}': HDF5 is Keras's legacy "
+            "whole-model format, which would reload only with "
+            "`custom_objects`. Save to `.keras` instead: "
+            f"`sam_model.save('{stem}.keras')`. For an HDF5 file of the "
+            f"weights alone, `sam_model.save_weights('{stem}.weights.h5')`. "
+            + _FORMATS)
     raise ValueError(
         f"Cannot save a SAMModel to '{path}': `save` needs a file name "
         "ending in `.keras` (Keras 3 has no SavedModel `save`). " + _FORMATS
@@ -75,6 +85,40 @@ def load_model(filepath, custom_objects=None, compile=True, **kwargs):
                 "checkpoint.")
     return keras.saving.load_model(path, custom_objects=custom_objects,
                                    compile=compile, **kwargs)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model):
+    """Every variable of `model` (weights, optimizer state, metrics) back to
+    its value before the block if the block raises: a load that fails half
+    way leaves nothing half-loaded."""
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    before = [keras.ops.copy(v.value) for v in variables]
+    try:
+        yield
+    except BaseException:
+        for v, value in zip(variables, before):
+            v.assign(value)
+        raise
+
+
+def load_weights(model, filepath, **kwargs):
+    """`model.load_weights(filepath)` for any Keras model, all or nothing:
+    weights that do not fit (another architecture) leave every variable as
+    it was, and the error lists the model's weights and the file's. A
+    SAMModel's `load_weights` does this itself."""
+    with all_or_nothing(model):
+        try:
+            return model.load_weights(filepath, **kwargs)
+        except ValueError as error:
+            if not os.path.exists(os.fspath(filepath)) or \
+                    "do not fit this model" in str(error):
+                raise
+            raise ValueError(describe_weight_mismatch(
+                model, filepath, error)) from error
 
 
 def describe_weight_mismatch(model, filepath, error: Exception) -> str:

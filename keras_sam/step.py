@@ -147,6 +147,15 @@ def static_chunk_bounds(n: int, splits: int) -> list:
     return bounds
 
 
+def rho_is_valid(rho):
+    """True for a Python rho (checked at construction); for a schedule's
+    value, a boolean tensor: finite and >= 0. A step with a bad rho is
+    skipped like one with a non-finite gradient."""
+    if isinstance(rho, (int, float)):
+        return True
+    return ops.logical_and(ops.isfinite(rho), rho >= 0.0)
+
+
 def norm_is_finite(grads: Sequence):
     """Whether every entry of `grads` is finite (one fused norm)."""
     return ops.isfinite(global_norm(grads))

@@ -170,6 +170,34 @@ def test_data_parallel_on_two_devices_against_the_reference(
 
 
 @pytest.mark.backends("jax")
+def test_momentum_sam_under_data_parallel_equals_the_reference():
+    """Momentum-SAM's e comes from the replicated momentum: on 2 devices it
+    is full-batch MSAM."""
+    import jax
+
+    batches = [regression_data(n=16, seed=60 + i) for i in range(3)]
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        model = tanh_mlp(l2=0.01, seed=5)
+        start = weights64(model)
+        sam = keras_sam.SAMModel(model, rho=1.0, direction="momentum")
+        sam.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+        sam.fit(np.concatenate([b[0] for b in batches]),
+                np.concatenate([b[1] for b in batches]), batch_size=16,
+                shuffle=False, verbose=0)
+        got = weights64(model)
+    finally:
+        keras.distribution.set_distribution(None)
+    want, _ = reference.msam_train(
+        reference.TanhMLP(l2=0.01), reference.Adam(0.02), start,
+        [(x.astype(np.float64), y.astype(np.float64)) for x, y in batches],
+        1.0)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.backends("jax")
 def test_model_parallel_shards_the_weights_and_trains_like_one_device():
     import jax
 

@@ -251,3 +251,29 @@ def test_variants_per_replica_and_replicas_agree(strategy):
     got = [np.asarray(v) for v in sam._looksam_directions]
     cos = dot(got, g_v) / np.sqrt(dot(got, got) * dot(g_v, g_v))
     np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+
+
+def test_momentum_sam_on_two_replicas_equals_the_reference(strategy):
+    """Momentum-SAM's e comes from the optimizer's momentum, the same on
+    every replica: two replicas train like full-batch MSAM, and stay
+    equal."""
+    x, y = regression_data(n=48, seed=7)
+    with strategy.scope():
+        model = tanh_mlp(l2=0.01, seed=2)
+        start = weights64(model)
+        sam = keras_sam.SAMModel(model, rho=1.0, direction="momentum")
+        sam.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                    loss="mse")
+    history = sam.fit(_dataset(x, y, 16), epochs=1, verbose=0)
+    batches = [(x[i:i + 16].astype(float), y[i:i + 16].astype(float))
+               for i in (0, 16, 32)]
+    want, losses = reference.msam_train(
+        reference.TanhMLP(l2=0.01), reference.SGD(0.1, momentum=0.9), start,
+        batches, 1.0)
+    for got, ref in zip(weights64(model), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history.history["loss"][0], np.mean(losses),
+                               rtol=1e-5)
+    for v in model.trainable_variables:
+        a, b = (np.asarray(t) for t in v.value.values)
+        np.testing.assert_array_equal(a, b)

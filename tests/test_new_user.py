@@ -248,3 +248,18 @@ def test_package_metadata():
     extras = meta["optional-dependencies"]
     assert any(d.startswith("tensorflow>=") for d in extras["tensorflow"])
     assert any(d.startswith("tensorflow-cpu>=") for d in extras["cpu"])
+
+
+def test_the_readme_quickstart_runs_verbatim(tmp_path):
+    """The first Python block of the README is a whole program."""
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Quickstart"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sharpness" in done.stdout
+    assert (tmp_path / "model.keras").exists()

@@ -18,6 +18,8 @@ of different scale, and pictures of two networks cannot be compared.
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 
@@ -56,9 +58,17 @@ def filter_normalized_direction(weights, seed: int = 0,
 
 
 def _weights_of(other, like) -> list:
-    values = (other.trainable_variables if isinstance(other, keras.Model)
-              else other)
-    values = [np.asarray(v, np.float64) for v in values]
+    if isinstance(other, (str, os.PathLike)):
+        other = _load_for_direction(os.fspath(other))
+    if isinstance(other, keras.Model):
+        other = other.trainable_variables
+    elif not isinstance(other, (list, tuple)):
+        raise TypeError(
+            "`toward` must be a keras.Model of the same architecture, a "
+            "list of its trainable weights (arrays), or the path of a "
+            f"`.keras` file of such a model; received {type(other).__name__}"
+            ".")
+    values = [np.asarray(v, np.float64) for v in other]
     if len(values) != len(like) or any(
             v.shape != tuple(w.shape) for v, w in zip(values, like)):
         raise ValueError(
@@ -67,6 +77,18 @@ def _weights_of(other, like) -> list:
             f"{[tuple(w.shape) for w in like]}, received "
             f"{[v.shape for v in values]}.")
     return values
+
+
+def _load_for_direction(path: str) -> keras.Model:
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"`toward`='{path}': a path must name a `.keras` file (a model "
+            "saved with `model.save`); for a weights file, build the model, "
+            "`load_weights` it and pass the model.")
+    from keras_sam.saving import load_model
+
+    loaded = load_model(path, compile=False)
+    return getattr(loaded, "model", loaded)   # a SAMModel: its wrapped model
 
 
 def loss_landscape(model: keras.Model, x, y=None, *, dims: int = 1,
@@ -85,7 +107,8 @@ def loss_landscape(model: keras.Model, x, y=None, *, dims: int = 1,
         normalization: of the random directions, see
             `filter_normalized_direction`.
         seed: of the directions (the second uses seed + 1).
-        toward: another model of the same architecture, or a list of its
+        toward: another model of the same architecture, the path of its
+            `.keras` file, or a list of its
             trainable weights: the curve runs along the line from w (t = 0)
             to those weights (t = 1), over [-extent, 1 + extent] (1-D only).
 

@@ -28,6 +28,15 @@ def plot_landscape_1d(curves: dict, path=None, title: str | None = None,
         path: where to write the PNG (None: do not write).
         log_scale: a logarithmic loss axis.
     """
+    if "alphas" in curves:   # one result passed without its label
+        raise TypeError(
+            "`plot_landscape_1d` takes {label: result}, e.g. "
+            "`plot_landscape_1d({'SAM': result})`; received a single result.")
+    for label, result in curves.items():
+        if "betas" in result:
+            raise ValueError(
+                f"curves['{label}'] is a 2-D landscape (`dims=2`): draw it "
+                "with `plot_landscape_2d(result)`.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for label, result in curves.items():
@@ -63,6 +72,12 @@ def plot_landscape_2d(result: dict, path=None, kind: str = "contour",
     if kind not in ("contour", "surface"):
         raise ValueError(f"`kind` must be 'contour' or 'surface'; received "
                          f"{kind!r}.")
+    if "betas" not in result:
+        raise ValueError(
+            "`plot_landscape_2d` draws a result of `loss_landscape(dims=2)`; "
+            "this one is 1-D (it has no 'betas'). Draw it with "
+            "`plot_landscape_1d({'label': result})`, or compute "
+            "`loss_landscape(..., dims=2)`.")
     plt = _pyplot()
     a, b = np.meshgrid(result["alphas"], result["betas"], indexing="ij")
     losses = np.asarray(result["losses"])

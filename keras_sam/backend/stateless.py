@@ -237,7 +237,7 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
     def one_pass_branch():
         return on_shards(one_pass_block, (), (first["clean"],))
 
-    finite = first["finite"]
+    finite = _and(first["finite"], step.rho_is_valid(rho))
     if sam_now is True:
         perturbed_loss, direction, new_looksam = sam_branch()
         took_sam_step = finite
@@ -271,7 +271,8 @@ def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
                          add=autodiff.add)
     (_, (loss, y_pred, state, metrics)), grads = autodiff.value_and_grad(
         loss_at, climbed, x, y, sample_weight)
-    finite = ops.isfinite(autodiff.norm(list(grads)))
+    finite = _and(ops.isfinite(autodiff.norm(list(grads))),
+                  step.rho_is_valid(rho))
     return Result(loss=loss, y_pred=y_pred, state=state, metrics=metrics,
                   direction=list(grads), finite=finite,
                   took_sam_step=ops.logical_not(ops.ones_like(finite)),
@@ -339,6 +340,10 @@ def _looksam_positions(sam, state_vars) -> list:
     where = {id(v): k for k, v in enumerate(state_vars)}
     own = sam.looksam_state.directions + [sam.looksam_state.norm]
     return [where[id(v)] for v in own]
+
+
+def _and(flag, more):
+    return flag if more is True else ops.logical_and(flag, more)
 
 
 def _current(scope, variable, default):

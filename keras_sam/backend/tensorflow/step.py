@@ -101,6 +101,15 @@ def train_step(sam, data):
         if size is not None:   # an empty chunk (batch < splits) is left out
             chunk_finite = tf.logical_or(chunk_finite, size == 0.0)
         checks.append(chunk_finite)
+    rho_ok = step.rho_is_valid(rho)
+    if rho_ok is not True:   # a schedule's value: skip the step if bad,
+        checks.append(rho_ok)
+        if not sam.jit_compile:   # and stop (XLA drops assertions)
+            tf.debugging.Assert(rho_ok, [
+                "keras_sam: `rho` must be finite and >= 0; the rho schedule "
+                "returned, at iteration", iteration, "the value", rho,
+                "; no weight was changed. Fix the schedule, e.g. clip it "
+                "with keras.ops.maximum(schedule(t), 0.0)."])
     # Unperturbed variables (all of them under Momentum-SAM) must have a
     # finite gradient too.
     others = [grads[i] for i in live

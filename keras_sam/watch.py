@@ -1,0 +1,97 @@
+"""What `SAMModel.fit` checks after each epoch, on the host, at no cost to
+the step: two ways a run can go wrong without an error.
+
+- A rho schedule that returns a negative or non-finite value. Such a step
+  is skipped on every backend, like a non-finite gradient (the weights stay
+  as they were); TensorFlow stops with an error naming the iteration, and
+  on JAX and PyTorch, whose compiled or queued steps cannot raise, this
+  check warns after the epoch, naming the first bad iteration and value.
+- A training loss that did not move over an epoch. With Adam on
+  Transformers, SAM at a constant rho from the first step can hold the loss
+  at the constant-predictor level (ln 2 for two classes) for good, while
+  plain training learns (`benchmarks/transformer_case.py --study`); the
+  warning says how to start SAM later.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+import numpy as np
+
+# A training loss that changed by less than this share between two epochs
+# has not moved; the study's stalled runs moved by under 0.3%, runs that
+# learned by 5% or more in their second epoch.
+STALL = 0.005
+
+
+def bad_rho(rho, iterations) -> tuple | None:
+    """(iteration, value) of the first iteration in `iterations` at which
+    the schedule `rho` is negative or not finite, or None."""
+    for t in iterations:
+        t = int(t)
+        try:
+            value = float(keras.ops.convert_to_numpy(rho(t)))
+        except Exception:   # a schedule that needs a tensor: not checked
+            return None
+        if not math.isfinite(value) or value < 0.0:
+            return t, value
+    return None
+
+
+class Watch(keras.callbacks.Callback):
+    """Added by `SAMModel.fit`: after each epoch, the two checks above."""
+
+    def __init__(self, sam):
+        super().__init__()
+        self.sam = sam
+        self.losses = []
+        self.start = None
+        self.warned = set()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = _iterations(self.sam)
+
+    def on_epoch_end(self, epoch, logs=None):
+        rho = self.sam.options.rho
+        if not isinstance(rho, float) and "rho" not in self.warned and \
+                self.start is not None:
+            end = _iterations(self.sam)
+            # At most 1000 iterations per epoch, both ends included.
+            found = bad_rho(rho, np.unique(np.linspace(
+                self.start, max(self.start, end - 1), 1000).astype(int)))
+            if found is not None:
+                self.warned.add("rho")
+                warnings.warn(
+                    f"`rho` returned {found[1]} at iteration {found[0]}: a "
+                    "rho schedule must give a finite value >= 0. Such steps "
+                    "were skipped (the weights did not move on them). Fix "
+                    "the schedule, e.g. clip it: `lambda t: "
+                    "keras.ops.maximum(schedule(t), 0.0)`.", stacklevel=2)
+        loss = (logs or {}).get("loss")
+        if loss is None or not np.isfinite(loss):
+            return
+        self.losses.append(float(loss))
+        # The start of training only: later, a loss that settles is fine.
+        if 2 <= len(self.losses) <= 3 and "stall" not in self.warned:
+            before, now = self.losses[-2], self.losses[-1]
+            if abs(before - now) <= STALL * abs(before):
+                self.warned.add("stall")
+                warnings.warn(
+                    f"The training loss did not move over an epoch ({before:.4g}"
+                    f" -> {now:.4g}). If the same model learns without SAM, "
+                    "rho is too large for the start of training (seen with "
+                    "Adam on Transformers): warm it up, e.g. `rho=keras."
+                    "optimizers.schedules.PolynomialDecay(0.0, warmup_steps, "
+                    "end_learning_rate=rho, power=1.0)` over a few epochs, or "
+                    "lower it (see the README, 'Transformers and Adam').",
+                    stacklevel=2)
+
+
+def _iterations(sam) -> int | None:
+    optimizer = getattr(sam, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        return None
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))

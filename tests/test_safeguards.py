@@ -1,0 +1,216 @@
+"""Nothing silently wrong, nothing half-loaded: the mistakes a new user
+makes that used to pass without a word."""
+
+import csv
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from conftest import bn_mlp, regression_data, tanh_mlp, weights64
+
+
+def _values(model):
+    return [np.array(v) for v in model.weights]
+
+
+def _other_architecture(path):
+    """A weights file whose first layer fits bn_mlp and whose rest does not:
+    a loader that writes as it goes changes the first layer, then fails."""
+    keras.utils.set_random_seed(9)
+    other = keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(7), keras.layers.Dense(3)], name="net")
+    other.save_weights(path)
+    return other
+
+
+# ------------------------------------------------------ half-loaded weights
+
+@pytest.mark.parametrize("layout", ["sam", "plain"])
+def test_a_failed_load_leaves_every_variable_as_it_was(tmp_path, layout):
+    path = str(tmp_path / "other.weights.h5")
+    if layout == "plain":
+        _other_architecture(path)
+    else:   # a SAMModel's weights file of another architecture
+        keras.utils.set_random_seed(9)
+        other = keras_sam.SAMModel(keras.Sequential([
+            keras.Input((5,)), keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(7), keras.layers.Dense(3)], name="net"))
+        other.save_weights(path)
+    sam = keras_sam.SAMModel(bn_mlp(seed=1), rho=0.1)
+    sam.compile(optimizer="adam", loss="mse")
+    x, y = regression_data()
+    sam.train_on_batch(x, y)   # optimizer state exists too
+    before = _values(sam) + [np.array(v) for v in sam.optimizer.variables]
+    with pytest.raises(ValueError, match="(?s)do not fit this model.*has"):
+        sam.load_weights(path)
+    after = _values(sam) + [np.array(v) for v in sam.optimizer.variables]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_weights_for_any_model_is_all_or_nothing(tmp_path):
+    """A plain model loading a file (SAM-format here) of another
+    architecture: `keras_sam.load_weights` changes nothing and lists both
+    sides."""
+    path = str(tmp_path / "other.weights.h5")
+    keras.utils.set_random_seed(9)
+    keras_sam.SAMModel(keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(7), keras.layers.Dense(3)], name="net")
+    ).save_weights(path)
+    plain = bn_mlp(seed=1)
+    before = _values(plain)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        keras_sam.load_weights(plain, path)
+    for a, b in zip(before, _values(plain)):
+        np.testing.assert_array_equal(a, b)
+    # A file that fits loads.
+    fits = str(tmp_path / "fits.weights.h5")
+    keras_sam.SAMModel(bn_mlp(seed=4)).save_weights(fits)
+    keras_sam.load_weights(plain, fits)
+    for a, b in zip(_values(plain), _values(bn_mlp(seed=4))):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------- a rho schedule gone bad
+
+def test_a_schedule_bad_at_the_first_iteration_fails_at_construction():
+    with pytest.raises(ValueError, match="returned -0.1 at iteration 0"):
+        keras_sam.SAMModel(tanh_mlp(), rho=lambda t: -0.1 + 0.0 * t)
+    with pytest.raises(ValueError, match="nan at iteration 0"):
+        keras_sam.SAMModel(tanh_mlp(), rho=lambda t: float("nan"))
+
+
+def _goes_negative(t):
+    """0.1 for two steps, then negative."""
+    t = keras.ops.cast(t, "float32")
+    return keras.ops.where(t < 2.0, 0.1, -0.5)
+
+
+def test_a_schedule_that_goes_bad_later_never_trains_silently():
+    """TensorFlow stops with the iteration and the value; JAX and PyTorch
+    skip the bad steps (the weights stay) and warn after the epoch."""
+    x, y = regression_data(n=64)
+    model = tanh_mlp()
+    sam = keras_sam.SAMModel(model, rho=_goes_negative)
+    sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    sam.fit(x[:32], y[:32], batch_size=16, verbose=0)   # iterations 0, 1
+    before = weights64(model)
+    if keras.backend.backend() == "tensorflow":
+        with pytest.raises(Exception, match="iteration.*2.*-0.5"):
+            sam.fit(x[:16], y[:16], batch_size=16, verbose=0)
+        for a, b in zip(before, weights64(model)):
+            np.testing.assert_array_equal(a, b)
+        return
+    with pytest.warns(UserWarning, match=r"returned -0.5 at iteration 2.*"
+                                         "skipped"):
+        sam.fit(x, y, batch_size=16, verbose=0)
+    for a, b in zip(before, weights64(model)):
+        np.testing.assert_array_equal(a, b)
+    assert int(sam.optimizer.iterations) == 2   # no step was applied
+
+
+# ---------------------------------------------- training that bypasses SAM
+
+def test_a_wrapped_model_with_its_own_train_step_is_named():
+    class Custom(keras.Model):
+        def train_step(self, *args):
+            return super().train_step(*args)
+
+    inputs = keras.Input((5,))
+    custom = Custom(inputs, keras.layers.Dense(3)(inputs), name="custom")
+    with pytest.warns(UserWarning, match="'custom'.*own `train_step`.*never "
+                                         "calls"):
+        keras_sam.SAMModel(custom)
+
+
+def test_wrapping_a_compiled_model_says_its_fit_skips_sam():
+    model = tanh_mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.warns(UserWarning, match="still trains it without SAM"):
+        keras_sam.SAMModel(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        keras_sam.SAMModel(tanh_mlp())   # an uncompiled model: no warning
+
+
+# --------------------------------------------------------------- files
+
+def test_saving_to_h5_is_refused_with_the_fix(tmp_path):
+    sam = keras_sam.SAMModel(tanh_mlp())
+    sam.compile(optimizer="sgd", loss="mse")
+    path = tmp_path / "m.h5"
+    with pytest.raises(ValueError, match=r"sam_model.save\('.*m.keras'\)"):
+        sam.save(str(path))
+    assert not path.exists()
+
+
+# ------------------------------------------------------------ analysis
+
+def test_landscape_toward_a_keras_file(tmp_path):
+    x, y = regression_data(n=32)
+    a, b = tanh_mlp(seed=1), tanh_mlp(seed=2)
+    for m in (a, b):
+        m.compile(loss="mse")
+    b.save(str(tmp_path / "b.keras"))
+    from_file = keras_sam.analysis.loss_landscape(
+        a, x, y, toward=str(tmp_path / "b.keras"), steps=5)
+    from_model = keras_sam.analysis.loss_landscape(a, x, y, toward=b,
+                                                   steps=5)
+    np.testing.assert_allclose(from_file["losses"], from_model["losses"],
+                               rtol=1e-6)
+    with pytest.raises(TypeError, match="keras.Model.*list.*`.keras` file"):
+        keras_sam.analysis.loss_landscape(a, x, y, toward=3.0, steps=5)
+    with pytest.raises(ValueError, match="`.keras` file"):
+        keras_sam.analysis.loss_landscape(a, x, y, toward="w.weights.h5",
+                                          steps=5)
+
+
+def test_plots_name_the_plot_that_fits():
+    pytest.importorskip("matplotlib")
+    one = {"alphas": np.linspace(-1, 1, 3), "losses": np.ones(3)}
+    with pytest.raises(ValueError, match="1-D.*plot_landscape_1d"):
+        keras_sam.analysis.plot_landscape_2d(one)
+    with pytest.raises(TypeError, match=r"\{label: result\}"):
+        keras_sam.analysis.plot_landscape_1d(one)
+
+
+def test_csv_logger_gets_the_monitor_columns_every_epoch(tmp_path):
+    x, y = regression_data(n=32)
+    sam = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
+    sam.compile(optimizer="sgd", loss="mse")
+    monitor = keras_sam.callbacks.SharpnessMonitor(x, y, every=2,
+                                                   hessian=False)
+    path = tmp_path / "log.csv"
+    sam.fit(x, y, epochs=4, verbose=0,
+            callbacks=[monitor, keras.callbacks.CSVLogger(str(path))])
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 4 and "eval_sharpness" in rows[0]
+    values = [float(r["eval_sharpness"]) for r in rows]
+    assert np.isnan(values[0]) and np.isnan(values[2])
+    assert values[1] > 0 and values[3] > 0
+
+
+# ------------------------------------------------- a loss that never moves
+
+def test_a_loss_stuck_at_the_start_is_warned_about():
+    """A model whose loss cannot move (a constant output) trips the warning
+    after its second epoch; a model that learns does not."""
+    x, y = regression_data(n=64)
+    frozen = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    frozen.layers[0].kernel.assign(np.zeros((5, 3)))
+    stuck = keras_sam.SAMModel(frozen, rho=0.05)
+    stuck.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    with pytest.warns(UserWarning, match="did not move over an epoch.*warm "
+                                         "it up"):
+        stuck.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
+    learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        learns.fit(x, y, batch_size=16, epochs=3, verbose=0)
