@@ -328,7 +328,13 @@ class SAMModel(keras.Model):
             args[5] = _with_watch(self, args[5])
         else:
             kwargs["callbacks"] = _with_watch(self, kwargs.get("callbacks"))
-        return super().fit(*args, **kwargs)
+        try:
+            return super().fit(*args, **kwargs)
+        except Exception as error:
+            clearer = sam_backend.explain_failure(error)
+            if clearer is None:
+                raise
+            raise clearer from error
 
     def compile(self, optimizer="rmsprop", *args, **kwargs):
         super().compile(optimizer, *args, **kwargs)

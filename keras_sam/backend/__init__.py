@@ -4,7 +4,8 @@
                   replicas.py (tf.distribute), gradients.py (sparse rows,
                   fused norm), analysis.py
     jax/, torch/  step.py (how the backend differentiates, branches and
-                  writes back), analysis.py
+                  writes back), analysis.py; jax/processes.py (failures
+                  across processes)
     stateless.py  the step as a function of the model's state, shared by JAX
                   and PyTorch
 """
@@ -29,3 +30,13 @@ def get_train_step():
             "KERAS_BACKEND to one of them before importing keras.")
     return importlib.import_module(
         f"keras_sam.backend.{backend}.step").train_step
+
+
+def explain_failure(error: BaseException):
+    """A clearer error for a failure of `fit` that the backend can explain
+    (a collective across JAX processes after one stopped), or None."""
+    if keras.backend.backend() != "jax":
+        return None
+    from keras_sam.backend.jax.processes import explain
+
+    return explain(error)
