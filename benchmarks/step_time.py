@@ -228,16 +228,22 @@ def time_variants(model_name: str, rounds: int, seconds: float) -> list:
             for v in ("base", "floor", *VARIANT_STEPS)]
 
 
-def looksam_buffer_mb(model_name: str) -> tuple[float, float]:
-    """(resident memory of LookSAM minus SAM, size of the trainable weights),
-    from the allocator's count after building, in a fresh process each."""
+def _memory_children(model_name: str, variants, steps: int = 5) -> dict:
+    """{variant: memory_child's figures}, each in a fresh process."""
     out = {}
-    for variant in ("SAM", "LookSAM k=5: cycle mean"):
+    for variant in variants:
         res = subprocess.run(
             [sys.executable, __file__, "--memory-child", model_name, variant,
-             "--steps", "5"], capture_output=True, text=True, check=True,
-            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
+             "--steps", str(steps)], capture_output=True, text=True,
+            check=True, env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def looksam_buffer_mb(model_name: str) -> tuple[float, float]:
+    """(resident memory of LookSAM minus SAM, size of the trainable weights),
+    from the allocator's count after building."""
+    out = _memory_children(model_name, ("SAM", "LookSAM k=5: cycle mean"))
     mb = 1024.0 ** 2
     return ((out["LookSAM k=5: cycle mean"]["resident_bytes"]
              - out["SAM"]["resident_bytes"]) / mb,
@@ -245,15 +251,8 @@ def looksam_buffer_mb(model_name: str) -> tuple[float, float]:
 
 
 def msam_working_mb(model_name: str) -> float:
-    """Working memory of an MSAM step minus the base step's (MB), each in a
-    fresh process, as for SAM."""
-    out = {}
-    for variant in ("base", "MSAM (direction=momentum)"):
-        res = subprocess.run(
-            [sys.executable, __file__, "--memory-child", model_name, variant,
-             "--steps", "5"], capture_output=True, text=True, check=True,
-            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
-        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    """Working memory of an MSAM step minus the base step's (MB)."""
+    out = _memory_children(model_name, ("base", "MSAM (direction=momentum)"))
     return (out["MSAM (direction=momentum)"]["working_bytes"]
             - out["base"]["working_bytes"]) / 1024.0 ** 2
 
@@ -286,14 +285,7 @@ def memory_child(model_name: str, variant: str, steps: int) -> dict:
 
 
 def memory_model(model_name: str, steps: int) -> dict:
-    out = {}
-    for variant in VARIANTS:
-        res = subprocess.run(
-            [sys.executable, __file__, "--memory-child", model_name, variant,
-             "--steps", str(steps)],
-            capture_output=True, text=True, check=True,
-            env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
-        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _memory_children(model_name, VARIANTS, steps)
     mb = 1024.0 ** 2
     return {
         "weights_mb": out["SAM"]["weights_bytes"] / mb,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, Optional
 
 import keras
@@ -14,31 +13,6 @@ from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
 from keras_sam.selection import selected
 from keras_sam.state import LookSAMState
-
-
-def _warn_about_bypassed_training(model) -> None:
-    """Two ways to train without SAM that wrapping cannot prevent."""
-    if type(model).train_step is not keras.Model.train_step:
-        warnings.warn(
-            f"'{model.name}' ({type(model).__name__}) defines its own "
-            "`train_step`, which SAMModel never calls: SAMModel runs its own "
-            "step (two gradients of the compiled loss plus `model.losses`). "
-            "Move what that train_step adds into the model's `call` (e.g. "
-            "`self.add_loss(...)`) or its loss, or wrap a model without it.",
-            stacklevel=3)
-    if getattr(model, "compiled", False):
-        warnings.warn(
-            f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
-            "trains it without SAM. Train through the wrapper "
-            "(`sam_model.compile(...)`, `sam_model.fit(...)`); the wrapped "
-            "model's own compile settings are not used.", stacklevel=3)
-
-
-def _with_watch(sam, callbacks):
-    if isinstance(callbacks, keras.callbacks.CallbackList):
-        callbacks.append(watch.Watch(sam))
-        return callbacks
-    return list(callbacks or []) + [watch.Watch(sam)]
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -159,7 +133,7 @@ class SAMModel(keras.Model):
             num_batch_splits=num_batch_splits, perturb=perturb,
             sync_perturbation=sync_perturbation, direction=direction)
         self._sam_train_step = sam_backend.get_train_step()
-        _warn_about_bypassed_training(model)
+        watch.warn_about_bypassed_training(model)
         super().__init__(**kwargs)
         self.model = model
         self.options = options
@@ -325,9 +299,10 @@ class SAMModel(keras.Model):
         non-finite, and about a loss that did not move at the start."""
         if len(args) > 5:   # fit(x, y, batch_size, epochs, verbose, callbacks)
             args = list(args)
-            args[5] = _with_watch(self, args[5])
+            args[5] = watch.with_watch(self, args[5])
         else:
-            kwargs["callbacks"] = _with_watch(self, kwargs.get("callbacks"))
+            kwargs["callbacks"] = watch.with_watch(self,
+                                                   kwargs.get("callbacks"))
         try:
             return super().fit(*args, **kwargs)
         except Exception as error:

@@ -1,5 +1,10 @@
-"""What `SAMModel.fit` checks after each epoch, on the host, at no cost to
-the step: two ways a run can go wrong without an error.
+"""What `SAMModel` checks about how it is used, at no cost to the step.
+
+At construction: two ways to train without SAM that wrapping cannot prevent
+(a wrapped model with its own `train_step`, a compiled wrapped model).
+
+After each epoch of `SAMModel.fit`, on the host: two ways a run can go wrong
+without an error.
 
 - A rho schedule that returns a negative or non-finite value. Such a step
   is skipped on every backend, like a non-finite gradient (the weights stay
@@ -95,3 +100,29 @@ def _iterations(sam) -> int | None:
     if optimizer is None or not optimizer.built:
         return None
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def warn_about_bypassed_training(model) -> None:
+    """Two ways to train without SAM that wrapping cannot prevent."""
+    if type(model).train_step is not keras.Model.train_step:
+        warnings.warn(
+            f"'{model.name}' ({type(model).__name__}) defines its own "
+            "`train_step`, which SAMModel never calls: SAMModel runs its own "
+            "step (two gradients of the compiled loss plus `model.losses`). "
+            "Move what that train_step adds into the model's `call` (e.g. "
+            "`self.add_loss(...)`) or its loss, or wrap a model without it.",
+            stacklevel=3)
+    if getattr(model, "compiled", False):
+        warnings.warn(
+            f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
+            "trains it without SAM. Train through the wrapper "
+            "(`sam_model.compile(...)`, `sam_model.fit(...)`); the wrapped "
+            "model's own compile settings are not used.", stacklevel=3)
+
+
+def with_watch(sam, callbacks):
+    """`callbacks` (None, a list or a CallbackList) with a `Watch` of `sam`."""
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(Watch(sam))
+        return callbacks
+    return list(callbacks or []) + [Watch(sam)]

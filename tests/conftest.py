@@ -115,6 +115,20 @@ def bn_mlp(seed=0, dropout=False):
     ], name="net")
 
 
+def dropout_bn_mlp(seed=7):
+    """Dense(relu, L2) -> Dropout(seeded) -> BatchNorm -> Dense: state that
+    must move once per step (the dropout seed, the moving statistics)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(16, activation="relu",
+                           kernel_regularizer=keras.regularizers.L2(1e-3)),
+        keras.layers.Dropout(0.3, seed=11),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(3),
+    ])
+
+
 def regression_data(n=32, n_in=5, n_out=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, n_in)).astype("float32")

@@ -7,7 +7,8 @@ import pytest
 
 import keras_sam
 import reference
-from conftest import regression_data, tanh_mlp, weights64
+from conftest import (dropout_bn_mlp, regression_data, tanh_mlp,
+                      weights64)
 
 OPTIMIZERS = {
     "sgd_momentum": (lambda: keras.optimizers.SGD(0.1, momentum=0.9),
@@ -104,22 +105,12 @@ def test_rho_zero_and_the_first_step_are_the_base_optimizer(name):
     (the momentum is still zero), with Dropout and BatchNorm in the net."""
     make_keras, _ = OPTIMIZERS[name]
 
-    def make():
-        keras.utils.set_random_seed(7)
-        return keras.Sequential([
-            keras.Input((5,)),
-            keras.layers.Dense(16, activation="relu",
-                               kernel_regularizer=keras.regularizers.L2(1e-3)),
-            keras.layers.Dropout(0.3, seed=11),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(3),
-        ])
-
     x, y = regression_data(n=64)
     jit = False if keras.backend.backend() == "jax" else "auto"
     for rho, epochs, batch in ((0.0, 3, 16), (5.0, 1, 64)):
-        base = make()
-        msam = keras_sam.SAMModel(make(), rho=rho, direction="momentum")
+        base = dropout_bn_mlp()
+        msam = keras_sam.SAMModel(dropout_bn_mlp(), rho=rho,
+                                  direction="momentum")
         for m in (base, msam):
             m.compile(optimizer=make_keras(), loss="mse", jit_compile=jit)
             m.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False,

@@ -6,7 +6,8 @@ import pytest
 
 import keras_sam
 import reference
-from conftest import regression_data, tanh_mlp, weights64
+from conftest import (dropout_bn_mlp, regression_data, tanh_mlp,
+                      weights64)
 
 OPTIMIZERS = {
     "sgd": (lambda: keras.optimizers.SGD(0.1),
@@ -70,20 +71,9 @@ def test_sam_differs_from_base_step():
 def test_rho_zero_is_the_base_optimizer_bit_for_bit(optimizer):
     """rho = 0 gives the same weights, slots and logs as the plain model,
     with Dropout and BatchNorm in the network."""
-    def make():
-        keras.utils.set_random_seed(7)
-        return keras.Sequential([
-            keras.Input((5,)),
-            keras.layers.Dense(16, activation="relu",
-                               kernel_regularizer=keras.regularizers.L2(1e-3)),
-            keras.layers.Dropout(0.3, seed=11),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(3),
-        ])
-
     x, y = regression_data(n=64)
-    base = make()
-    sam = keras_sam.SAMModel(make(), rho=0.0)
+    base = dropout_bn_mlp()
+    sam = keras_sam.SAMModel(dropout_bn_mlp(), rho=0.0)
     # JAX: XLA fuses the jitted SAM step differently from Keras's (the last
     # bit may differ, see test_backends.py); the same ops run eagerly agree.
     jit = False if keras.backend.backend() == "jax" else "auto"
