@@ -141,10 +141,12 @@ def train_step(sam, data):
         new_state = stateless.new_state(sam, variables, result,
                                         non_trainable)
         for v, new, old in zip(variables.state, new_state, non_trainable):
-            v.assign(torch.where(result.finite, new, old))
-    logs, metric_values = stateless.logs(sam, variables, result, trainable,
-                                         non_trainable, metric_values, data,
-                                         live=True)
-    for v, new in zip(variables.metrics, metric_values):
-        v.assign(new)
+            if new is not old:   # state the step wrote (BatchNorm, seeds)
+                v.assign(torch.where(result.finite, new, old))
+    logs, new_metrics = stateless.logs(sam, variables, result, trainable,
+                                       non_trainable, metric_values, data,
+                                       live=True)
+    for v, new, old in zip(variables.metrics, new_metrics, metric_values):
+        if new is not old:
+            v.assign(new)
     return logs
