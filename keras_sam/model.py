@@ -296,7 +296,7 @@ class SAMModel(keras.Model):
     def fit(self, *args, **kwargs):
         """Keras's `fit`, with `keras_sam.watch.Watch` among the callbacks:
         after each epoch it warns about a rho schedule that went negative or
-        non-finite, and about a loss that did not move at the start."""
+        non-finite, and about a loss that did not go down at the start."""
         if len(args) > 5:   # fit(x, y, batch_size, epochs, verbose, callbacks)
             args = list(args)
             args[5] = watch.with_watch(self, args[5])

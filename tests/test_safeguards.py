@@ -206,8 +206,8 @@ def test_a_loss_stuck_at_the_start_is_warned_about():
     frozen.layers[0].kernel.assign(np.zeros((5, 3)))
     stuck = keras_sam.SAMModel(frozen, rho=0.05)
     stuck.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    with pytest.warns(UserWarning, match="did not move over an epoch.*warm "
-                                         "it up"):
+    with pytest.warns(UserWarning, match="did not go down over an epoch.*"
+                                         "adaptive=True"):
         stuck.fit(x, y, batch_size=16, epochs=3, verbose=0)
     learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
     learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
