@@ -316,14 +316,28 @@ def _torch_host_work_per_step(wrapped, x, y, steps=10):
             count.get("aten::lift_fresh", 0) / steps)
 
 
+def _torch_select_on_device(monkeypatch):
+    """Run the PyTorch step as on a GPU: the non-finite skip selected on
+    the device, never read on the host (the CPU reads it: free there)."""
+    from keras_sam.backend.torch import step as torch_step
+    monkeypatch.setattr(torch_step, "host_reads_are_free", lambda t: False)
+
+
 @pytest.mark.backends("torch")
 @pytest.mark.parametrize("kwargs", [{}, {"sam_every": 2}])
-def test_torch_step_adds_no_host_sync_and_no_host_scalars(kwargs):
+@pytest.mark.parametrize("path", ["device", "cpu"])
+def test_torch_step_adds_no_host_sync_and_no_host_scalars(kwargs, path,
+                                                          monkeypatch):
     """The PyTorch SAM step never waits for the device mid-step: per `fit`
     step at most one host sync more than two plain gradients and an update
     (the floor; every-k reads its iteration once, before pass 1) and at most
-    two more tensors made from host data (plain SAM: none more)."""
+    two more tensors made from host data (plain SAM: none more). On the CPU
+    the step reads its finiteness flag (one sync, which waits for nothing
+    there) instead of selecting."""
     import torch
+
+    if path == "device":
+        _torch_select_on_device(monkeypatch)
 
     class Floor(keras.Model):
         def __init__(self, model):
@@ -364,7 +378,43 @@ def test_torch_step_adds_no_host_sync_and_no_host_scalars(kwargs):
     (floor_syncs, floor_fresh), (syncs, fresh) = counts["floor"], \
         counts["SAM"]
     assert floor_syncs > 0   # the counter sees Keras's own syncs
-    assert syncs <= floor_syncs + 1, counts
-    assert fresh <= floor_fresh + 2, counts
-    if not kwargs:
-        assert syncs <= floor_syncs and fresh <= floor_fresh + 0.5, counts
+    # every-k's read of its iteration; the CPU's read of the finite flag.
+    allowed = floor_syncs + bool(kwargs) + (path == "cpu")
+    assert syncs <= allowed, counts
+    assert fresh <= floor_fresh + (2 if kwargs else 0.5), counts
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("kwargs", [{}, {"direction": "momentum"}])
+def test_torch_device_select_equals_the_host_branch(kwargs, monkeypatch):
+    """The GPU route (update always, select the old values back on a
+    non-finite g) and the CPU route (read the flag, skip) train to the same
+    bits, and a non-finite batch leaves weights, optimizer slots and
+    BatchNorm statistics untouched on both."""
+    from conftest import dropout_bn_mlp
+
+    x, y = regression_data(n=64)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    ends = {}
+    for path in ("cpu", "device"):
+        if path == "device":
+            _torch_select_on_device(monkeypatch)
+        model = dropout_bn_mlp()
+        sam = keras_sam.SAMModel(model, rho=0.1, **kwargs)
+        sam.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                    loss="mse")
+        sam.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        before = ([np.asarray(v) for v in model.variables],
+                  [np.asarray(v) for v in sam.optimizer.variables])
+        logs = sam.train_on_batch(bad, y[:64], return_dict=True)
+        assert np.isnan(logs["loss"])
+        after = ([np.asarray(v) for v in model.variables],
+                 [np.asarray(v) for v in sam.optimizer.variables])
+        for a, b in zip(before[0] + before[1], after[0] + after[1]):
+            np.testing.assert_array_equal(a, b)
+        sam.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        ends[path] = [np.asarray(v) for v in model.variables]
+    assert int(sam.optimizer.iterations) == 8
+    for a, b in zip(ends["cpu"], ends["device"]):
+        np.testing.assert_array_equal(a, b)

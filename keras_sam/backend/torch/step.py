@@ -15,7 +15,9 @@ Nothing in the step waits for the GPU: whether g was finite is never read
 on the host. The update runs on every step and a non-finite g selects the
 old values back on the device (`torch.where` against a snapshot of what the
 optimizer writes); under a LossScaleOptimizer the optimizer skips the step
-and lowers the scale itself. Norms and w + s g are fused over all variables
+and lowers the scale itself. On the CPU, where a host read waits for
+nothing, the step reads the flag and branches instead: the snapshot and the
+selection would be pure memory traffic there. Norms and w + s g are fused over all variables
 (`torch._foreach_*`); no scalar is copied from the host during the step.
 Gradients that are None (variables the loss does not use) leave their
 variable out of the update, as Keras's own PyTorch step does.
@@ -106,6 +108,12 @@ def _fused_add_scaled(weights, grads, scale):
     return torch._foreach_add(list(weights), scaled)
 
 
+def host_reads_are_free(tensor) -> bool:
+    """Whether reading `tensor` on the host costs no wait: a CPU tensor's
+    value exists once the op returns; a GPU read stalls the queue."""
+    return tensor.device.type == "cpu"
+
+
 def train_step(sam, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`) on one batch."""
     _keras_compat.ensure_built(sam, data)
@@ -129,20 +137,29 @@ def train_step(sam, data):
     pairs = [(d, v) for d, v, used in
              zip(direction, variables.trainable, autodiff.used) if used]
     written = [v for _, v in pairs]
+    # A non-finite g keeps every value as it was: read on the host where
+    # that is free (CPU), otherwise selected on the device.
+    branch = not is_lso and host_reads_are_free(result.finite)
+    select = not is_lso and not branch
+    apply = not branch or bool(result.finite)
     with torch.no_grad():
-        if not is_lso:
+        if select:
             written += variables.optimizer
             before = [v.value.clone() for v in written]
-        # w <- optimizer(w, d), at the original w.
-        optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
-        if not is_lso:   # a non-finite g keeps every value as it was
+        if apply:   # w <- optimizer(w, d), at the original w.
+            optimizer.apply([d for d, _ in pairs], [v for _, v in pairs])
+        if select:
             for v, old in zip(written, before):
                 torch.where(result.finite, v.value, old, out=v.value)
         new_state = stateless.new_state(sam, variables, result,
                                         non_trainable)
         for v, new, old in zip(variables.state, new_state, non_trainable):
-            if new is not old:   # state the step wrote (BatchNorm, seeds)
+            if new is old:   # only state the step wrote (BatchNorm, seeds)
+                continue
+            if not branch:
                 v.assign(torch.where(result.finite, new, old))
+            elif apply:
+                v.assign(new)
     logs, new_metrics = stateless.logs(sam, variables, result, trainable,
                                        non_trainable, metric_values, data,
                                        live=True)
