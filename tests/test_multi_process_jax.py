@@ -2,7 +2,6 @@
 of 2 processes on 127.0.0.1 (JAX's distributed runtime, gloo collectives on
 the CPU), against the float64 reference and a single process."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,34 +11,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import harness
 import reference
 
 pytest.importorskip("jax")
 
 JOBS = Path(__file__).with_name("jax_jobs.py")
-ROOT = Path(__file__).parents[1]
 TIMEOUT = 180   # seconds for any one process
 
 
 def _env():
-    path = os.pathsep.join(filter(None, [str(ROOT),
-                                         os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "KERAS_BACKEND": "jax",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = harness.env("jax")
     env.pop("XLA_FLAGS", None)
     return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(tmp_path, name, processes=2, devices=2, port=None, **flags):
     """Start the processes, wait for all (at most TIMEOUT each), kill what
     is left: (return codes, outputs, result files, seconds)."""
-    port = port or _free_port()
+    port = port or harness.free_ports(1)[0]
     outs = [tmp_path / f"{name}-{i}.npz" for i in range(processes)]
     procs = []
     start = time.monotonic()
@@ -57,15 +47,7 @@ def _run(tmp_path, name, processes=2, devices=2, port=None, **flags):
             stderr=subprocess.STDOUT, text=True))
         if i == 0:
             time.sleep(0.5)   # the coordinator listens first
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    logs = harness.wait_all(procs, TIMEOUT)
     return ([p.returncode for p in procs], logs, outs,
             time.monotonic() - start)
 

@@ -2,41 +2,26 @@
 training process killed with SIGKILL and resumed by BackupAndRestore."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import harness
 import jobs
 
 JOBS = Path(__file__).with_name("jobs.py")
-ROOT = Path(__file__).parents[1]
 TIMEOUT = 240  # seconds for any one process
 
 
 def _env(**extra):
-    path = os.pathsep.join(filter(None, [str(ROOT),
-                                         os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "KERAS_BACKEND": "tensorflow",
-            "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+    return harness.env("tensorflow", **extra)
 
 
 def _run_workers(tmp_path, kind):
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in harness.free_ports(2)]}
     outs = [tmp_path / f"{kind}-{i}.npz" for i in range(2)]
     procs = []
     for i in range(2):
@@ -46,15 +31,7 @@ def _run_workers(tmp_path, kind):
             [sys.executable, str(JOBS), "multi_worker", str(outs[i]), kind],
             env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    logs = harness.wait_all(procs, TIMEOUT)
     return [p.returncode for p in procs], logs, outs
 
 
