@@ -49,7 +49,7 @@ from examples.mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-SAM_GRID = [0.02, 0.05, 0.1, 0.2, 0.5]
+SAM_GRID = [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 CHEAP_GRID = [0.02, 0.05, 0.1, 0.2]   # GSAM, every-k, LookSAM
 VARIANTS = {
     # name: (SAMModel arguments, grid of {argument: value} chosen on the
@@ -57,7 +57,7 @@ VARIANTS = {
     "SGD": (None, [{}]),
     "SAM": ({}, [{"rho": r} for r in SAM_GRID]),
     "ASAM": ({"adaptive": True},
-             [{"rho": r} for r in (0.2, 0.5, 1.0, 2.0, 5.0)]),
+             [{"rho": r} for r in (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)]),
     "GSAM (alpha=0.2)": ({"gsam_alpha": 0.2},
                          [{"rho": r} for r in CHEAP_GRID]),
     "SAM every 4th step": ({"sam_every": 4},
