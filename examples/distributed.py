@@ -190,16 +190,23 @@ def train_jax_process(args):
                                    verbose=0)
         results[sync] = {"test_acc": test_acc, "seconds": seconds}
     if me == 0:
-        print(f"\nJAX DataParallel over {jax.device_count()} devices of "
-              f"{n} processes, global batch {args.batch_size}, "
-              f"{args.epochs} epochs")
-        print("| sync_perturbation | e from | test acc | time |")
-        print("|---|---|---|---|")
-        for sync, r in results.items():
-            source = "whole batch" if sync else "each device's shard"
-            print(f"| {sync} | {source} | {r['test_acc']:.4f} | "
-                  f"{r['seconds']:.0f} s |")
+        print_results(f"JAX DataParallel over {jax.device_count()} devices "
+                      f"of {n} processes", results, "device", args)
     return 0
+
+
+def print_results(title, results, unit, args):
+    """The table of one run per `sync_perturbation` mode."""
+    print(f"\n{title}, global batch {args.batch_size}, {args.epochs} epochs")
+    extra = ["sharpness"] if "sharpness" in results[True] else []
+    print("| sync_perturbation | e from | test acc | " +
+          "".join(f"{c} | " for c in extra) + "time |")
+    print("|---|---|---|" + "---|" * len(extra) + "---|")
+    for sync, r in results.items():
+        source = "whole batch" if sync else f"each {unit}'s shard"
+        print(f"| {sync} | {source} | {r['test_acc']:.4f} | " +
+              "".join(f"{r[c]:.4f} | " for c in extra) +
+              f"{r['seconds']:.0f} s |")
 
 
 def main(argv=None):
@@ -237,14 +244,9 @@ def main(argv=None):
     task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
     if task.get("index", 0) != 0:
         return 0  # one worker reports
-    print(f"\n{type(strategy).__name__}, {strategy.num_replicas_in_sync} "
-          f"replicas, global batch {args.batch_size}, {args.epochs} epochs")
-    print("| sync_perturbation | e from | test acc | sharpness | time |")
-    print("|---|---|---|---|---|")
-    for sync, r in results.items():
-        source = "whole batch" if sync else "each replica's shard"
-        print(f"| {sync} | {source} | {r['test_acc']:.4f} | "
-              f"{r['sharpness']:.4f} | {r['seconds']:.0f} s |")
+    print_results(f"{type(strategy).__name__}, "
+                  f"{strategy.num_replicas_in_sync} replicas", results,
+                  "replica", args)
     return 0
 
 

@@ -286,10 +286,9 @@ class SAMModel(keras.Model):
                 if not os.path.exists(filepath):
                     raise
                 try:   # a plain model's file that happens to have that group
-                    with saving.all_or_nothing(self):
-                        return self.model.load_weights(filepath, **kwargs)
+                    return self.model.load_weights(filepath, **kwargs)
                 except ValueError:
-                    pass
+                    pass   # the outer block puts every variable back
                 raise ValueError(saving.describe_weight_mismatch(
                     self, filepath, error)) from error
 
