@@ -5,6 +5,8 @@
     python benchmarks/step_time.py --variants # every SAM variant's step
     python benchmarks/step_time.py --backend jax      # or torch: see
                                                       # other_backends.py
+    python benchmarks/step_time.py --models "KerasHub BERT" \
+        "KerasHub BERT LoRA"                          # needs keras-hub
 
 Three variants of each model, all compiled with the same optimizer and loss:
 
@@ -149,7 +151,32 @@ def transformer():
     return keras.Model(inputs, outputs), x, y
 
 
-MODELS = {"MLP": mlp, "CNN+BatchNorm": cnn, "Transformer": transformer}
+def kerashub_bert(lora_rank=None):
+    """A KerasHub BertTextClassifier (2 layers, d128, sequences of 64) on
+    token ids, as its preprocessor hands them to the step; with LoRA, only
+    the adapters (and the head) train."""
+    import keras_hub
+
+    seq, vocab, batch = 64, 2000, 32
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, vocab, size=(batch, seq)),
+         "segment_ids": np.zeros((batch, seq), "int32"),
+         "padding_mask": np.ones((batch, seq), "bool")}
+    y = np.random.default_rng(1).integers(0, 2, size=(batch,))
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=vocab, num_layers=2, num_heads=4, hidden_dim=128,
+        intermediate_dim=512, max_sequence_length=seq)
+    if lora_rank:
+        backbone.enable_lora(lora_rank)
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None), x, y
+
+
+MODELS = {"MLP": mlp, "CNN+BatchNorm": cnn, "Transformer": transformer,
+          # --models "KerasHub BERT" "KerasHub BERT LoRA" (keras-hub)
+          "KerasHub BERT": kerashub_bert,
+          "KerasHub BERT LoRA": lambda: kerashub_bert(lora_rank=4)}
+DEFAULT_MODELS = ("MLP", "CNN+BatchNorm", "Transformer")
 VARIANTS = ("base", "floor", "SAM")
 
 # --variants: SAMModel arguments, and the optimizer iteration to start from.
@@ -257,15 +284,24 @@ def msam_working_mb(model_name: str) -> float:
             - out["base"]["working_bytes"]) / 1024.0 ** 2
 
 
-def time_model(model_name: str, rounds: int, seconds: float) -> dict:
-    t = time_rounds(model_name, VARIANTS, rounds, seconds)
-    return {
+MSAM = "MSAM (direction=momentum)"
+
+
+def time_model(model_name: str, rounds: int, seconds: float,
+               msam: bool = False) -> dict:
+    t = time_rounds(model_name, VARIANTS + ((MSAM,) if msam else ()),
+                    rounds, seconds)
+    row = {
         "base_ms": 1e3 * float(np.median(t["base"])),
         "floor_ms": 1e3 * float(np.median(t["floor"])),
         "sam_ms": 1e3 * float(np.median(t["SAM"])),
         "sam_over_base": float(np.median(t["SAM"] / t["base"])),
         "sam_over_floor": float(np.median(t["SAM"] / t["floor"])),
     }
+    if msam:
+        row["msam_ms"] = 1e3 * float(np.median(t[MSAM]))
+        row["msam_over_base"] = float(np.median(t[MSAM] / t["base"]))
+    return row
 
 
 def memory_child(model_name: str, variant: str, steps: int) -> dict:
@@ -284,10 +320,14 @@ def memory_child(model_name: str, variant: str, steps: int) -> dict:
             "resident_bytes": before}
 
 
-def memory_model(model_name: str, steps: int) -> dict:
-    out = _memory_children(model_name, VARIANTS, steps)
+def memory_model(model_name: str, steps: int, msam: bool = False) -> dict:
+    out = _memory_children(model_name,
+                           VARIANTS + ((MSAM,) if msam else ()), steps)
     mb = 1024.0 ** 2
-    return {
+    extra = ({"msam_overhead_mb": (out[MSAM]["working_bytes"]
+                                   - out["base"]["working_bytes"]) / mb}
+             if msam else {})
+    return {**extra,
         "weights_mb": out["SAM"]["weights_bytes"] / mb,
         "base_working_mb": out["base"]["working_bytes"] / mb,
         "overhead_mb": (out["SAM"]["working_bytes"]
@@ -305,9 +345,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--memory-only", action="store_true",
                         help="skip the timing rounds")
+    parser.add_argument("--msam", action="store_true",
+                        help="TensorFlow: add Momentum-SAM (rho 2) columns")
     parser.add_argument("--variants", action="store_true",
                         help="time every SAM variant's step")
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS),
+                        choices=list(MODELS))
     parser.add_argument("--backend", default="tensorflow",
                         choices=("tensorflow", "jax", "torch"))
     args = parser.parse_args(argv)
@@ -327,9 +370,10 @@ def main(argv=None):
 
     rows = []
     for name in args.models:
-        timing = {} if args.memory_only else time_model(name, rounds,
-                                                         seconds)
-        row = {"model": name, **timing, **memory_model(name, args.steps)}
+        timing = ({} if args.memory_only else
+                  time_model(name, rounds, seconds, args.msam))
+        row = {"model": name, **timing,
+               **memory_model(name, args.steps, args.msam)}
         rows.append(row)
         print(f"measured {name}", file=sys.stderr)
 
@@ -350,6 +394,13 @@ def main(argv=None):
               f"{r['sam_over_floor']:.3f} | {r['base_working_mb']:.1f} MB | "
               f"{r['overhead_mb']:.2f} MB | {r['over_floor_mb']:.2f} MB | "
               f"{r['weights_mb']:.2f} MB |")
+    if args.msam:
+        print("\n| model | MSAM ms/step | MSAM/base | MSAM - base memory |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r.get('msam_ms', float('nan')):.2f} | "
+                  f"{r.get('msam_over_base', float('nan')):.3f} | "
+                  f"{r['msam_overhead_mb']:.2f} MB |")
     return rows
 
 

@@ -100,6 +100,13 @@ def compile_hint(sam, method_name=None) -> str:
     """The message for a SAMModel used before `compile`, naming the usual
     mistake: compiling the wrapped model instead of the SAMModel."""
     action = f"`{method_name}`" if method_name else "training"
+    from keras_sam import hub
+
+    if hub.is_task(sam.model):
+        return (
+            f"Compile the SAMModel before {action}: `sam_model.compile()` "
+            f"sets what `{sam.model.name}.compile()` sets (the task's "
+            "defaults); pass `optimizer=...` and others to change them.")
     if sam.model.compiled:
         return (
             f"The SAMModel is not compiled, but the model it wraps "

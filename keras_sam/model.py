@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat, momentum, watch
+from keras_sam import _keras_compat, hub, momentum, watch
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
@@ -35,6 +36,11 @@ class SAMModel(keras.Model):
     training logs report the loss and metrics of pass 1 (exactly what the
     wrapped model would report at the same weights) and `sharpness`,
     L(w + e) - L(w), the first-order sharpness of the batch.
+
+    A KerasHub task (`keras_hub.models.Task`) keeps its preprocessing:
+    `fit`, `evaluate` and `predict` take raw inputs (strings, images) as
+    the task's do, and `compile()` sets the task's defaults
+    (`keras_sam.hub`).
 
     A step whose pass-1 gradient is not finite is skipped: the weights and
     the optimizer state stay untouched. With loss scaling, an overflow in
@@ -133,7 +139,8 @@ class SAMModel(keras.Model):
             num_batch_splits=num_batch_splits, perturb=perturb,
             sync_perturbation=sync_perturbation, direction=direction)
         self._sam_train_step = sam_backend.get_train_step()
-        watch.warn_about_bypassed_training(model)
+        watch.warn_about_bypassed_training(
+            model, compiled=hub.compiled_by_user(model))
         super().__init__(**kwargs)
         self.model = model
         self.options = options
@@ -292,26 +299,58 @@ class SAMModel(keras.Model):
                 raise ValueError(saving.describe_weight_mismatch(
                     self, filepath, error)) from error
 
+    # Data enters through a KerasHub task's preprocessing (keras_sam.hub),
+    # then Keras's own methods of this model.
+    def _entry(self):
+        feeder = hub.pipeline(self)
+        return super() if feeder is None else feeder
+
     def fit(self, *args, **kwargs):
-        """Keras's `fit`, with `keras_sam.watch.Watch` among the callbacks:
-        after each epoch it warns about a rho schedule that went negative or
-        non-finite, and about a loss that did not go down at the start."""
-        if len(args) > 5:   # fit(x, y, batch_size, epochs, verbose, callbacks)
-            args = list(args)
-            args[5] = watch.with_watch(self, args[5])
-        else:
-            kwargs["callbacks"] = watch.with_watch(self,
-                                                   kwargs.get("callbacks"))
+        """Keras's `fit`; a KerasHub task's raw inputs are preprocessed as
+        `task.fit` would (see `keras_sam.hub`)."""
+        feeder = hub.pipeline(self)
+        return (self.keras_fit if feeder is None else feeder.fit)(
+            *args, **kwargs)
+
+    def keras_fit(self, *args, **kwargs):
+        """Keras's `fit` on model-ready data, with `keras_sam.watch.Watch`
+        among the callbacks: after each epoch it warns about a rho schedule
+        that went negative or non-finite, and about a loss that did not go
+        down at the start."""
+        arguments = _arguments(super().fit, args, kwargs)
+        arguments["callbacks"] = watch.with_watch(
+            self, arguments.get("callbacks"))
         try:
-            return super().fit(*args, **kwargs)
+            return super().fit(**arguments)
         except Exception as error:
             clearer = sam_backend.explain_failure(error)
             if clearer is None:
                 raise
             raise clearer from error
 
-    def compile(self, optimizer="rmsprop", *args, **kwargs):
-        super().compile(optimizer, *args, **kwargs)
+    def evaluate(self, *args, **kwargs):
+        return self._entry().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        return self._entry().predict(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        return self._entry().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        return self._entry().test_on_batch(*args, **kwargs)
+
+    def predict_on_batch(self, *args, **kwargs):
+        return self._entry().predict_on_batch(*args, **kwargs)
+
+    def compile(self, optimizer="auto", *args, **kwargs):
+        """Keras's `compile`. Left "auto", `optimizer`, `loss`, `metrics`
+        and `weighted_metrics` take a KerasHub task's defaults (what
+        `task.compile()` sets), or else Keras's (rmsprop, no loss)."""
+        arguments = _arguments(super().compile, (optimizer, *args), kwargs)
+        for key in ("loss", "metrics", "weighted_metrics"):
+            arguments.setdefault(key, "auto")
+        super().compile(**hub.compile_arguments(self.model, arguments))
         if self.options.momentum:   # an optimizer without a first moment
             momentum.check_optimizer(self.optimizer)
 
@@ -355,3 +394,13 @@ class SAMModel(keras.Model):
             config.pop("model"), custom_objects=custom_objects
         )
         return cls(model=model, **config)
+
+
+def _arguments(method, args, kwargs) -> dict:
+    """`method`'s arguments as keywords (its `**kwargs` spread out)."""
+    signature = inspect.signature(method)
+    arguments = signature.bind(*args, **kwargs).arguments
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return dict(arguments)

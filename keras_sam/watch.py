@@ -105,8 +105,11 @@ def _iterations(sam) -> int | None:
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
-def warn_about_bypassed_training(model) -> None:
-    """Two ways to train without SAM that wrapping cannot prevent."""
+def warn_about_bypassed_training(model, compiled: bool) -> None:
+    """Two ways to train without SAM that wrapping cannot prevent: a
+    `train_step` of the model's own, and compile settings someone chose for
+    the wrapped model (`compiled`; a KerasHub task's own defaults are
+    not)."""
     if type(model).train_step is not keras.Model.train_step:
         warnings.warn(
             f"'{model.name}' ({type(model).__name__}) defines its own "
@@ -115,7 +118,7 @@ def warn_about_bypassed_training(model) -> None:
             "Move what that train_step adds into the model's `call` (e.g. "
             "`self.add_loss(...)`) or its loss, or wrap a model without it.",
             stacklevel=3)
-    if getattr(model, "compiled", False):
+    if compiled:
         warnings.warn(
             f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
             "trains it without SAM. Train through the wrapper "
