@@ -154,11 +154,11 @@ _TASK_ARGUMENTS = ("optimizer", "loss", "metrics", "weighted_metrics")
 
 
 def compile_arguments(model, arguments: dict) -> dict:
-    """`SAMModel.compile`'s `arguments` with each "auto" among optimizer,
-    loss, metrics and weighted_metrics replaced: by the default of a
-    KerasHub task (what `task.compile()` sets), else by Keras's own
-    (rmsprop, no loss, no metrics)."""
-    auto = [k for k in _TASK_ARGUMENTS if _is_auto(arguments.get(k))]
+    """`SAMModel.compile`'s `arguments` with each "auto" (or absent) one
+    among optimizer, loss, metrics and weighted_metrics replaced: by the
+    default of a KerasHub task (what `task.compile()` sets), else by
+    Keras's own (rmsprop, no loss, no metrics)."""
+    auto = [k for k in _TASK_ARGUMENTS if _is_auto(arguments.get(k, _AUTO))]
     if not auto:
         return arguments
     if is_task(model):

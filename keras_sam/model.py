@@ -348,8 +348,6 @@ class SAMModel(keras.Model):
         and `weighted_metrics` take a KerasHub task's defaults (what
         `task.compile()` sets), or else Keras's (rmsprop, no loss)."""
         arguments = _arguments(super().compile, (optimizer, *args), kwargs)
-        for key in ("loss", "metrics", "weighted_metrics"):
-            arguments.setdefault(key, "auto")
         super().compile(**hub.compile_arguments(self.model, arguments))
         if self.options.momentum:   # an optimizer without a first moment
             momentum.check_optimizer(self.optimizer)
