@@ -143,3 +143,26 @@ def batches(x, y=None, sample_weight=None, batch_size=None):
                 else adapter.get_numpy_iterator())
     for batch in iterator:
         yield keras.utils.unpack_x_y_sample_weight(batch)
+
+
+def to_numpy(x):
+    """`x` (a backend tensor, a Keras variable, a Python or NumPy value) as
+    a NumPy array, without a DeprecationWarning.
+
+    `keras.ops.convert_to_numpy` ends in `np.array(x)`, which NumPy 2
+    deprecates for the `__array__` of Keras variables and of PyTorch tensors
+    (no `copy` keyword): each tensor reads itself here instead (for the
+    host-side checks and analysis results, never inside a step).
+    """
+    import keras
+    import numpy as np
+
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if hasattr(x, "detach") and hasattr(x, "cpu"):   # a PyTorch tensor
+        x = x.detach().cpu()
+        # NumPy has no bfloat16: such values come back as float32, exactly.
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    if hasattr(x, "numpy") and not isinstance(x, np.ndarray):   # TensorFlow
+        return np.asarray(x.numpy())
+    return np.asarray(x)

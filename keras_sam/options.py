@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional, Union
 import keras
 from keras import ops
 
+from keras_sam import _keras_compat
+
 Rho = Union[float, keras.optimizers.schedules.LearningRateSchedule, Callable]
 
 
@@ -41,7 +43,7 @@ def _first_value_checked(rho: Callable) -> Callable:
     """A schedule whose value at iteration 0 is already bad fails now (later
     iterations are checked by the step and by `SAMModel.fit`)."""
     try:
-        value = float(keras.ops.convert_to_numpy(rho(0)))
+        value = float(_keras_compat.to_numpy(rho(0)))
     except Exception:   # a schedule that needs a tensor: checked later
         return rho
     if not math.isfinite(value) or value < 0.0:

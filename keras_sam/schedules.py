@@ -16,6 +16,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_sam._keras_compat import to_numpy
+
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class RhoFollowsLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -43,7 +45,7 @@ class RhoFollowsLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.learning_rate = learning_rate
         self.rho_max, self.rho_min = float(rho_max), float(rho_min)
         self.lr_min = float(lr_min)
-        self.lr_max = float(ops.convert_to_numpy(learning_rate(0)))
+        self.lr_max = float(to_numpy(learning_rate(0)))
         if self.lr_max <= self.lr_min:
             raise ValueError(
                 "The learning rate at iteration 0 must be above `lr_min` "

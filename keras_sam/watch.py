@@ -12,20 +12,24 @@ without an error.
   on JAX and PyTorch, whose compiled or queued steps cannot raise, this
   check warns after the epoch, naming the first bad iteration and value.
 - A training loss that did not go down over an epoch at the start of
-  training. With Adam on
-  Transformers, SAM at a constant rho from the first step can hold the loss
+  training (the first three epochs of the optimizer's iterations, whether
+  they ran as one `fit` or as several). With Adam on Transformers, SAM at a constant rho from the first step can hold the loss
   at the constant-predictor level (ln 2 for two classes) for good, while
   plain training learns (`benchmarks/transformer_case.py --study`); the
   warning says what to try.
+
+Each warning is given once per SAMModel and names the user's `fit` line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 
 import keras
 import numpy as np
+
+from keras_sam import _keras_compat, _warnings
 
 # A training loss that did not go down by this share from one epoch to the
 # next has stalled. In the study (benchmarks/transformer_case.py --study)
@@ -41,12 +45,25 @@ def bad_rho(rho, iterations) -> tuple | None:
     for t in iterations:
         t = int(t)
         try:
-            value = float(keras.ops.convert_to_numpy(rho(t)))
+            value = float(_keras_compat.to_numpy(rho(t)))
         except Exception:   # a schedule that needs a tensor: not checked
             return None
         if not math.isfinite(value) or value < 0.0:
             return t, value
     return None
+
+
+@dataclasses.dataclass
+class Record:
+    """The start of training as the checks see it, kept on the SAMModel
+    across `fit` calls: the loss of each epoch so far and the optimizer
+    iteration at which the last one ended. An epoch that begins anywhere
+    else (a new optimizer, weights loaded, steps run outside `fit`) begins
+    a new record, so one `fit(epochs=5)` and five `fit(epochs=1)` are the
+    same run to the checks."""
+    losses: list = dataclasses.field(default_factory=list)
+    end: int | None = None
+    stall_warned: bool = False
 
 
 class Watch(keras.callbacks.Callback):
@@ -55,54 +72,73 @@ class Watch(keras.callbacks.Callback):
     def __init__(self, sam):
         super().__init__()
         self.sam = sam
-        self.losses = []
         self.start = None
-        self.warned = set()
+
+    def record(self) -> Record:
+        record = getattr(self.sam, "_watch_record", None)
+        if record is None:
+            record = Record()
+            # Not a layer, variable or config: Keras does not track it.
+            object.__setattr__(self.sam, "_watch_record", record)
+        return record
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = _iterations(self.sam)
+        self.start = iterations(self.sam)
+        if self.record().end != self.start:
+            object.__setattr__(self.sam, "_watch_record", Record())
 
     def on_epoch_end(self, epoch, logs=None):
-        rho = self.sam.options.rho
-        if not isinstance(rho, float) and "rho" not in self.warned and \
-                self.start is not None:
-            end = _iterations(self.sam)
-            # At most 1000 iterations per epoch, both ends included.
-            found = bad_rho(rho, np.unique(np.linspace(
-                self.start, max(self.start, end - 1), 1000).astype(int)))
-            if found is not None:
-                self.warned.add("rho")
-                warnings.warn(
-                    f"`rho` returned {found[1]} at iteration {found[0]}: a "
-                    "rho schedule must give a finite value >= 0. Such steps "
-                    "were skipped (the weights did not move on them). Fix "
-                    "the schedule, e.g. clip it: `lambda t: "
-                    "keras.ops.maximum(schedule(t), 0.0)`.", stacklevel=2)
-        loss = (logs or {}).get("loss")
-        if loss is None or not np.isfinite(loss):
+        end = iterations(self.sam)
+        self.check_rho(end)
+        record = self.record()
+        record.end = end
+        loss = (logs or {}).get("loss")     # a 0-d tensor on PyTorch
+        if loss is None or not math.isfinite(loss := float(loss)):
             return
-        self.losses.append(float(loss))
+        record.losses.append(loss)
         # The start of training only: later, a loss that settles is fine.
-        if 2 <= len(self.losses) <= 3 and "stall" not in self.warned:
-            before, now = self.losses[-2], self.losses[-1]
+        if 2 <= len(record.losses) <= 3 and not record.stall_warned:
+            before, now = record.losses[-2], record.losses[-1]
             if now >= before - STALL * abs(before):
-                self.warned.add("stall")
-                warnings.warn(
+                record.stall_warned = True
+                _warnings.warn(
                     f"The training loss did not go down over an epoch "
                     f"({before:.4g} -> {now:.4g}). If the same model learns "
                     "without SAM, SAM is holding it where it started (seen "
                     "with Adam on Transformers): try `adaptive=True` (ASAM) "
                     "or a smaller rho, or start SAM once plain training has "
                     "left this loss (a rho schedule that is 0 for the first "
-                    "epochs). See the README, 'Transformers and Adam'.",
-                    stacklevel=2)
+                    "epochs). See the README, 'Transformers and Adam'.")
+
+    def check_rho(self, end: int) -> None:
+        rho = self.sam.options.rho
+        if isinstance(rho, float) or getattr(self.sam, "_rho_warned", False):
+            return
+        # At most 1000 iterations per epoch, both ends included.
+        found = bad_rho(rho, np.unique(np.linspace(
+            self.start, max(self.start, end - 1), 1000).astype(int)))
+        if found is not None:
+            object.__setattr__(self.sam, "_rho_warned", True)
+            _warnings.warn(
+                f"`rho` returned {found[1]} at iteration {found[0]}: a "
+                "rho schedule must give a finite value >= 0. Such steps "
+                "were skipped (the weights did not move on them). Fix "
+                "the schedule, e.g. clip it: `lambda t: "
+                "keras.ops.maximum(schedule(t), 0.0)`.")
 
 
-def _iterations(sam) -> int | None:
+def iterations(sam) -> int:
+    """The optimizer's step count, read on the host (0 before it is built).
+
+    Not through `keras.ops.convert_to_numpy`, whose `np.array(variable)`
+    NumPy 2 deprecates: TensorFlow's variables (distributed ones too) read
+    themselves, JAX arrays and PyTorch tensors convert to `int`."""
     optimizer = getattr(sam, "optimizer", None)
     if optimizer is None or not optimizer.built:
-        return None
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return 0
+    if keras.backend.backend() == "tensorflow":
+        return int(optimizer.iterations.numpy())
+    return int(optimizer.iterations.value)
 
 
 def warn_about_bypassed_training(model, compiled: bool) -> None:
@@ -111,19 +147,18 @@ def warn_about_bypassed_training(model, compiled: bool) -> None:
     the wrapped model (`compiled`; a KerasHub task's own defaults are
     not)."""
     if type(model).train_step is not keras.Model.train_step:
-        warnings.warn(
+        _warnings.warn(
             f"'{model.name}' ({type(model).__name__}) defines its own "
             "`train_step`, which SAMModel never calls: SAMModel runs its own "
             "step (two gradients of the compiled loss plus `model.losses`). "
             "Move what that train_step adds into the model's `call` (e.g. "
-            "`self.add_loss(...)`) or its loss, or wrap a model without it.",
-            stacklevel=3)
+            "`self.add_loss(...)`) or its loss, or wrap a model without it.")
     if compiled:
-        warnings.warn(
+        _warnings.warn(
             f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
             "trains it without SAM. Train through the wrapper "
             "(`sam_model.compile(...)`, `sam_model.fit(...)`); the wrapped "
-            "model's own compile settings are not used.", stacklevel=3)
+            "model's own compile settings are not used.")
 
 
 def with_watch(sam, callbacks):

@@ -1,4 +1,6 @@
 import os
+import sys
+import warnings
 
 # The suite runs once per Keras backend: TensorFlow by default, JAX and
 # PyTorch in subprocesses started by tests/test_backends.py
@@ -76,6 +78,60 @@ def pytest_collection_modifyitems(config, items):
         if allowed is not None and BACKEND not in allowed:
             item.add_marker(pytest.mark.skip(
                 reason=f"runs on {', '.join(allowed)}, not {BACKEND}"))
+
+
+# Where keras_sam's code lives: a DeprecationWarning raised while a frame of
+# it is the nearest caller outside the libraries it calls is keras_sam's.
+KERAS_SAM = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "keras_sam") + os.sep
+_LIBRARIES = ("keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
+              "optree", "keras_hub", "h5py", "warnings", "contextlib",
+              "functools")
+
+
+# Keras wraps each public entry point (`fit`, `save_weights`, a layer's
+# call, ...) in this module's error handler. A warning raised under one
+# that keras_sam called is Keras's work on the model (Keras's own saving and
+# callbacks raise NumPy 2's `__array__` DeprecationWarning for a plain
+# model too), not keras_sam's.
+_KERAS_ENTRY = "keras.src.utils.traceback_utils"
+
+
+def _culprit(frame):
+    """The nearest frame to `frame` (the warning's) outside `_LIBRARIES`,
+    or None if a Keras entry point lies between them."""
+    while frame is not None and frame.f_globals.get(
+            "__name__", "").split(".")[0] in _LIBRARIES:
+        if frame.f_globals["__name__"] == _KERAS_ENTRY:
+            return None
+        frame = frame.f_back
+    return frame
+
+
+@pytest.fixture(autouse=True)
+def _deprecations_caused_by_keras_sam_fail(monkeypatch):
+    """A DeprecationWarning whose nearest non-library caller is keras_sam
+    (e.g. NumPy 2's, when keras_sam reads a variable through
+    `convert_to_numpy`) fails the test, wherever the warning is raised:
+    the filter `error::DeprecationWarning:keras_sam` catches only those
+    attributed to keras_sam's own lines."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, *args, **kwargs):
+        culprit = _culprit(sys._getframe(1))
+        if issubclass(category, DeprecationWarning) and culprit is not None \
+                and culprit.f_code.co_filename.startswith(KERAS_SAM):
+            if os.environ.get("KERAS_SAM_LIST_DEPRECATIONS"):
+                with open(os.environ["KERAS_SAM_LIST_DEPRECATIONS"], "a") as f:
+                    f.write(f"{culprit.f_code.co_filename}:{culprit.f_lineno}"
+                            f" <- {filename}:{lineno}: {message}\n")
+            else:
+                raise category(
+                    f"{message} (raised at {filename}:{lineno}, from "
+                    f"{culprit.f_code.co_filename}:{culprit.f_lineno})")
+        show(message, category, filename, lineno, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "showwarning", showwarning)
 
 
 @pytest.fixture(autouse=True)

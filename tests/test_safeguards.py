@@ -117,6 +117,12 @@ def test_a_schedule_that_goes_bad_later_never_trains_silently():
 
 # ---------------------------------------------- training that bypasses SAM
 
+def _ours(caught, text):
+    """The one warning in `caught` whose message holds `text`."""
+    (warning,) = [w for w in caught if text in str(w.message)]
+    return warning
+
+
 def test_a_wrapped_model_with_its_own_train_step_is_named():
     class Custom(keras.Model):
         def train_step(self, *args):
@@ -125,15 +131,18 @@ def test_a_wrapped_model_with_its_own_train_step_is_named():
     inputs = keras.Input((5,))
     custom = Custom(inputs, keras.layers.Dense(3)(inputs), name="custom")
     with pytest.warns(UserWarning, match="'custom'.*own `train_step`.*never "
-                                         "calls"):
+                                         "calls") as caught:
         keras_sam.SAMModel(custom)
+    assert _ours(caught, "own `train_step`").filename == __file__
 
 
 def test_wrapping_a_compiled_model_says_its_fit_skips_sam():
     model = tanh_mlp()
     model.compile(optimizer="sgd", loss="mse")
-    with pytest.warns(UserWarning, match="still trains it without SAM"):
+    with pytest.warns(UserWarning,
+                      match="still trains it without SAM") as caught:
         keras_sam.SAMModel(model)
+    assert _ours(caught, "without SAM").filename == __file__   # not Keras's
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         keras_sam.SAMModel(tanh_mlp())   # an uncompiled model: no warning
@@ -198,19 +207,104 @@ def test_csv_logger_gets_the_monitor_columns_every_epoch(tmp_path):
 
 # ------------------------------------------------- a loss that never moves
 
-def test_a_loss_stuck_at_the_start_is_warned_about():
-    """A model whose loss cannot move (a constant output) trips the warning
-    after its second epoch; a model that learns does not."""
-    x, y = regression_data(n=64)
+def _stuck():
+    """A SAM model whose loss cannot move: a zero learning rate."""
     frozen = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
     frozen.layers[0].kernel.assign(np.zeros((5, 3)))
     stuck = keras_sam.SAMModel(frozen, rho=0.05)
     stuck.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    return stuck
+
+
+def _stall_warnings(fit, calls):
+    """The stall warnings of `calls` calls of `fit()`, every one recorded
+    (not only the first per line, as Python's default filter would)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            fit()
+    return [w for w in caught if "did not go down" in str(w.message)]
+
+
+def test_a_loss_stuck_at_the_start_is_warned_about():
+    """A model whose loss cannot move (a constant output) trips the warning
+    after its second epoch, at the user's `fit` line; a model that learns
+    does not."""
+    x, y = regression_data(n=64)
+    stuck = _stuck()
     with pytest.warns(UserWarning, match="did not go down over an epoch.*"
-                                         "adaptive=True"):
+                                         "adaptive=True") as caught:
         stuck.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    # The user's line, not Keras's callbacks/callback_list.py.
+    assert _ours(caught, "did not go down").filename == __file__
     learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
     learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         learns.fit(x, y, batch_size=16, epochs=3, verbose=0)
+
+
+def test_the_stall_check_sees_one_run_across_fit_calls():
+    """Five `fit(epochs=1)` calls (a loop with its own evaluation) are one
+    run to the check, as `fit(epochs=5)` is: a stuck model warns once, a
+    learning one never; a new optimizer starts the check again."""
+    x, y = regression_data(n=64)
+    stuck = _stuck()
+    fit = lambda: stuck.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    stalls = _stall_warnings(fit, 5)
+    assert len(stalls) == 1 and stalls[0].filename == __file__
+    assert "0 ->" not in str(stalls[0].message)         # two real losses
+    stuck.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    assert len(_stall_warnings(fit, 1)) == 0            # one epoch: no basis
+    assert len(_stall_warnings(fit, 1)) == 1
+    learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
+    learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    assert _stall_warnings(
+        lambda: learns.fit(x, y, batch_size=16, epochs=1, verbose=0), 5) == []
+
+
+def test_epochs_that_do_not_follow_on_start_a_new_check():
+    """Steps taken outside `fit` between two epochs break the run: the
+    epochs before them do not count with those after."""
+    x, y = regression_data(n=64)
+    stuck = _stuck()
+    fit = lambda: stuck.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert len(_stall_warnings(fit, 1)) == 0
+    stuck.train_on_batch(x[:16], y[:16])
+    assert len(_stall_warnings(fit, 1)) == 0            # a new first epoch
+    assert len(_stall_warnings(fit, 1)) == 1
+
+
+def _warnings_of(fit) -> set:
+    """(category, file, line, message) of every warning `fit()` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    return {(w.category.__name__, w.filename, w.lineno, str(w.message))
+            for w in caught}
+
+
+def test_a_healthy_run_gives_no_warning_the_plain_model_does_not():
+    """Several epochs with validation, over one `fit` and then two more,
+    with a constant rho and with a rho schedule (which the epoch-end check
+    evaluates on the host): every warning is one the same run of the plain
+    model gives too. On TensorFlow and JAX that is none; on PyTorch, Keras's
+    callbacks convert each torch log value with `np.array`, which NumPy 2
+    deprecates, for the plain model's logs as for SAM's."""
+    x, y = regression_data(n=64)
+
+    def run(model):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=16, epochs=4, verbose=0,
+                  validation_data=(x, y))
+        for _ in range(2):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        assert int(model.optimizer.iterations.value) == 24
+
+    plain = _warnings_of(lambda: run(tanh_mlp()))
+    if keras.backend.backend() != "torch":
+        assert plain == set()
+    for rho in (0.05, lambda t: 0.05 * keras.ops.exp(-0.01 * t)):
+        ours = _warnings_of(lambda: run(keras_sam.SAMModel(tanh_mlp(),
+                                                           rho=rho)))
+        assert sorted(ours - plain) == []

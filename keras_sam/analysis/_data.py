@@ -68,10 +68,8 @@ class Data:
                 raise ValueError(
                     "No labels: pass `y` with array inputs, or data that "
                     "yields (x, y) batches.")
-            out = keras.tree.map_structure(
-                lambda t: np.asarray(keras.ops.convert_to_numpy(t),
-                                     np.float64) * n,
-                per_batch(xb, yb, swb))
+            out = keras.tree.map_structure(lambda t: float64(t) * n,
+                                           per_batch(xb, yb, swb))
             total = out if total is None else keras.tree.map_structure(
                 np.add, total, out)
             count += n
@@ -82,9 +80,13 @@ class Data:
         return keras.tree.map_structure(lambda t: t / count, total)
 
 
+def float64(x) -> np.ndarray:
+    """A tensor, variable or array as a float64 NumPy array."""
+    return np.asarray(_keras_compat.to_numpy(x), np.float64)
+
+
 def flatten(arrays) -> np.ndarray:
-    return np.concatenate([np.ravel(np.asarray(a, np.float64))
-                           for a in arrays])
+    return np.concatenate([np.ravel(float64(a)) for a in arrays])
 
 
 def unflatten(vector, like) -> list:

@@ -124,12 +124,12 @@ def hessian_eigenvalues(model: keras.Model, x, y=None, k: int = 1, *,
         betas.append(beta)
         basis.append(w / beta)
     if not converged:
-        import warnings
+        from keras_sam import _warnings
 
-        warnings.warn(
+        _warnings.warn(
             f"hessian_eigenvalues: the top {k} eigenvalues did not reach "
             f"tol={tol} in {max_iter} iterations; returning the best "
-            "estimates (raise `max_iter` for more).", stacklevel=2)
+            "estimates (raise `max_iter` for more).")
     values = theta[top]
     if not return_eigenvectors:
         return values

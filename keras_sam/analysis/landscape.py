@@ -23,7 +23,7 @@ import os
 import keras
 import numpy as np
 
-from keras_sam.analysis._data import Data, check_model, functions
+from keras_sam.analysis._data import Data, check_model, float64, functions
 
 
 def filter_normalized_direction(weights, seed: int = 0,
@@ -40,7 +40,7 @@ def filter_normalized_direction(weights, seed: int = 0,
     rng = np.random.default_rng(seed)
     out = []
     for w in weights:
-        w = np.asarray(w, np.float64)
+        w = float64(w)
         d = rng.standard_normal(w.shape)
         if normalization is None:
             pass
@@ -68,7 +68,7 @@ def _weights_of(other, like) -> list:
             "list of its trainable weights (arrays), or the path of a "
             f"`.keras` file of such a model; received {type(other).__name__}"
             ".")
-    values = [np.asarray(v, np.float64) for v in other]
+    values = [float64(v) for v in other]
     if len(values) != len(like) or any(
             v.shape != tuple(w.shape) for v, w in zip(values, like)):
         raise ValueError(
@@ -129,7 +129,7 @@ def loss_landscape(model: keras.Model, x, y=None, *, dims: int = 1,
         raise ValueError(f"`extent` must be > 0; received {extent!r}.")
     fns = functions(model)
     w = fns.weights()
-    w64 = [np.asarray(t, np.float64) for t in w]
+    w64 = [float64(t) for t in w]
     data = Data(x, y, sample_weight, batch_size, steps)
 
     def loss_at(offsets) -> float:

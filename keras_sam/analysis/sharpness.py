@@ -20,6 +20,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_sam._keras_compat import to_numpy
 from keras_sam.analysis._data import Data, check_model, functions
 from keras_sam.options import validate_rho
 from keras_sam.perturbation import global_norm, l2_scale
@@ -97,8 +98,8 @@ def sharpness(
             e = [d * ops.cast(shrink, d.dtype) for d in e]
         perturbed = fns.loss([t + s * d for t, s, d in zip(w, scale, e)],
                              xb, yb, swb)
-        return (float(ops.convert_to_numpy(perturbed))
-                - float(ops.convert_to_numpy(clean)))
+        return (float(to_numpy(perturbed))
+                - float(to_numpy(clean)))
 
     unchecked = [True]
 
