@@ -130,15 +130,13 @@ class Watch(keras.callbacks.Callback):
 def iterations(sam) -> int:
     """The optimizer's step count, read on the host (0 before it is built).
 
-    Not through `keras.ops.convert_to_numpy`, whose `np.array(variable)`
-    NumPy 2 deprecates: TensorFlow's variables (distributed ones too) read
-    themselves, JAX arrays and PyTorch tensors convert to `int`."""
+    Through `keras_sam._keras_compat.to_numpy`: no DeprecationWarning, and
+    a copy of the array rather than a scalar read (`.item()`), which the
+    PyTorch sync tests count as work of the step."""
     optimizer = getattr(sam, "optimizer", None)
     if optimizer is None or not optimizer.built:
         return 0
-    if keras.backend.backend() == "tensorflow":
-        return int(optimizer.iterations.numpy())
-    return int(optimizer.iterations.value)
+    return int(_keras_compat.to_numpy(optimizer.iterations))
 
 
 def warn_about_bypassed_training(model, compiled: bool) -> None:

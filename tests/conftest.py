@@ -99,12 +99,18 @@ _KERAS_ENTRY = "keras.src.utils.traceback_utils"
 
 def _culprit(frame):
     """The nearest frame to `frame` (the warning's) outside `_LIBRARIES`,
-    or None if a Keras entry point lies between them."""
+    or None if a Keras entry point lies between them, or if that frame
+    only hands on to the same-named method below it (`SAMModel.export`
+    calling `super().export`: what Keras does for the plain model)."""
+    inner = None
     while frame is not None and frame.f_globals.get(
             "__name__", "").split(".")[0] in _LIBRARIES:
         if frame.f_globals["__name__"] == _KERAS_ENTRY:
             return None
-        frame = frame.f_back
+        frame, inner = frame.f_back, frame
+    if frame is not None and inner is not None and \
+            inner.f_code.co_name == frame.f_code.co_name:
+        return None
     return frame
 
 
