@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 from typing import Optional
 
 import keras
@@ -198,10 +199,18 @@ def compiled_by_user(model) -> bool:
         name: p.default for name, p in
         inspect.signature(keras.Model.compile).parameters.items()
         if p.default is not inspect.Parameter.empty and name != "jit_compile"}
-    expected = _unnamed(keras.saving.serialize_keras_object(
-        {**keras_defaults, **defaults}))
-    actual = _unnamed(model.get_compile_config() or {})
+    with warnings.catch_warnings():
+        # Keras serializes an optimizer's learning-rate variable through
+        # `np.array`, which NumPy 2 deprecates: Keras's, and only a read.
+        warnings.filterwarnings("ignore", _NUMPY_ARRAY_COPY,
+                                DeprecationWarning)
+        expected = _unnamed(keras.saving.serialize_keras_object(
+            {**keras_defaults, **defaults}))
+        actual = _unnamed(model.get_compile_config() or {})
     return any(actual[k] != v for k, v in expected.items() if k in actual)
+
+
+_NUMPY_ARRAY_COPY = "__array__ implementation doesn't accept a copy keyword"
 
 
 def _unnamed(config):

@@ -108,8 +108,11 @@ def _culprit(frame):
         if frame.f_globals["__name__"] == _KERAS_ENTRY:
             return None
         frame, inner = frame.f_back, frame
-    if frame is not None and inner is not None and \
-            inner.f_code.co_name == frame.f_code.co_name:
+    if frame is not None and inner is not None and (
+            inner.f_code.co_name == frame.f_code.co_name or
+            # `optimizer.apply`, which Keras's own step calls the same way
+            # (Nadam reads a variable through `np.array` on PyTorch).
+            ".optimizers." in inner.f_globals.get("__name__", "")):
         return None
     return frame
 
