@@ -74,23 +74,17 @@ class Watch(keras.callbacks.Callback):
         self.sam = sam
         self.start = None
 
-    def record(self) -> Record:
-        record = getattr(self.sam, "_watch_record", None)
-        if record is None:
-            record = Record()
-            # Not a layer, variable or config: Keras does not track it.
-            object.__setattr__(self.sam, "_watch_record", record)
-        return record
-
     def on_epoch_begin(self, epoch, logs=None):
         self.start = iterations(self.sam)
-        if self.record().end != self.start:
+        record = getattr(self.sam, "_watch_record", None)
+        if record is None or record.end != self.start:
+            # Not a layer, variable or config: Keras does not track it.
             object.__setattr__(self.sam, "_watch_record", Record())
 
     def on_epoch_end(self, epoch, logs=None):
         end = iterations(self.sam)
         self.check_rho(end)
-        record = self.record()
+        record = self.sam._watch_record
         record.end = end
         loss = (logs or {}).get("loss")     # a 0-d tensor on PyTorch
         if loss is None or not math.isfinite(loss := float(loss)):
