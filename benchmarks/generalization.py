@@ -214,7 +214,7 @@ def plot(results):
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = RESULTS / "generalization.png"
+    path = ROOT / "docs" / "figures" / "generalization.png"
     fig.savefig(path, dpi=90)
     print(f"\nplot: {path.relative_to(ROOT)}")
 

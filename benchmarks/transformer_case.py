@@ -200,8 +200,10 @@ STUDY = {
     "SAM rho=0.05, warm-up 3 epochs": ("warmup", 0.05, 3, {}),
     "SAM rho=0.01": dict(rho=0.01),
     "ASAM rho=0.05": dict(rho=0.05, adaptive=True),
+    "MSAM rho=0.05": dict(rho=0.05, direction="momentum"),
     "MSAM rho=0.3": dict(rho=0.3, direction="momentum"),
     "MSAM rho=1": dict(rho=1.0, direction="momentum"),
+    "MSAM rho=2": dict(rho=2.0, direction="momentum"),
 }
 DATASETS = {
     "easier (3-9 sentiment words, 10% flipped)": dict(sentiment=(3, 10),

@@ -5,6 +5,9 @@ TensorFlow, keras.distribution across processes on JAX.
     python examples/distributed.py --workers 2      # 2 local worker processes
     python examples/distributed.py --jax-processes 2  # JAX: 2 local processes
 
+Needs: pip install -e ".[tensorflow,examples]" for the tf.distribute runs,
+pip install -e ".[jax,examples]" for the JAX ones (no TensorFlow needed).
+
 Several devices: MirroredStrategy over the GPUs, or, without GPUs, over the
 CPU split into `--devices` logical devices. Several machines:
 MultiWorkerMirroredStrategy; `--workers N` starts N worker processes on this

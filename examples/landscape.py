@@ -3,6 +3,8 @@
     python examples/landscape.py                 # MNIST-1D, made offline
     python examples/landscape.py --epochs 10     # a quicker look
 
+Needs: pip install -e ".[tensorflow,examples]" (mnist1d and matplotlib).
+
 Trains the MLP of examples/mnist1d_sam.py twice from the same initial
 weights and batches, with SGD + momentum and with SAM, on MNIST-1D with 25%
 of the training labels flipped (the setting where SAM helped most in
@@ -10,11 +12,11 @@ benchmarks/generalization.py). Then it measures both minima on the same
 2000 training signals: first-order sharpness (rho = 0.05), the top Hessian
 eigenvalue (Lanczos) and the Hessian trace (Hutchinson), and draws:
 
-    examples/figures/landscape_1d.png       both minima along one random
+    docs/figures/landscape_1d.png       both minima along one random
                                             filter-normalized direction
-    examples/figures/landscape_2d_sgd.png   contour maps over two directions
-    examples/figures/landscape_2d_sam.png
-    examples/figures/interpolation.png      the loss on the line from SGD's
+    docs/figures/landscape_2d_sgd.png   contour maps over two directions
+    docs/figures/landscape_2d_sam.png
+    docs/figures/interpolation.png      the loss on the line from SGD's
                                             minimum (t = 0) to SAM's (t = 1)
 """
 
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
                          load_mnist1d, make_mlp)
 
-FIGURES = Path(__file__).resolve().parent / "figures"
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def train(use_sam, data, args, initial):
@@ -120,7 +122,10 @@ def main(argv=None):
     analysis.plot_landscape_1d({"SGD (t=0) to SAM (t=1)": line},
                                args.out / "interpolation.png",
                                title="the line between the two minima")
-    print(f"\nfigures in {args.out}")
+    out = args.out.resolve()
+    root = Path(__file__).resolve().parents[1]
+    shown = out.relative_to(root) if out.is_relative_to(root) else out
+    print(f"\nfigures in {shown}")
     return rows
 
 

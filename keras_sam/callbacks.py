@@ -6,6 +6,8 @@ import keras
 
 from keras_sam.analysis import hessian_eigenvalues, hessian_trace, sharpness
 
+__all__ = ["SharpnessMonitor"]
+
 
 class SharpnessMonitor(keras.callbacks.Callback):
     """Every `every` epochs, measures the model on a fixed batch and adds
@@ -24,15 +26,31 @@ class SharpnessMonitor(keras.callbacks.Callback):
     calls callbacks in order; `History` always comes last).
 
     Args:
-        x, y: a fixed batch (or a small dataset) to measure on; the same
+        x: a fixed batch (or a small dataset) to measure on; the same
             forms as `keras_sam.analysis.sharpness` takes.
+        y: the targets for array `x`; None for a dataset.
         every: measure after every `every`-th epoch (1-based: epochs
             every, 2 * every, ...).
-        rho, ascent_steps: for the sharpness.
+        rho: the radius for the sharpness.
+        ascent_steps: ascent steps for the sharpness (1: SAM's e).
         hessian: also measure the top Hessian eigenvalue.
-        max_iter, tol: of the Lanczos iteration for the eigenvalue.
+        max_iter: the most Lanczos iterations for the eigenvalue.
+        tol: the relative residual at which the eigenvalue counts as
+            converged.
         trace_probes: Hutchinson probes for the trace; 0 skips it.
         batch_size: to split (x, y) into batches.
+
+    Raises:
+        ValueError: `every` below 1.
+
+    Example:
+
+    ```python
+    monitor = keras_sam.callbacks.SharpnessMonitor(x_probe, y_probe, every=5)
+    history = sam_model.fit(x, y, epochs=50, callbacks=[
+        monitor, keras.callbacks.CSVLogger("log.csv")])
+    history.history["eval_sharpness"]
+    ```
     """
 
     def __init__(self, x, y=None, every: int = 1, rho: float = 0.05,

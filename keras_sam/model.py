@@ -8,12 +8,17 @@ from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat, hub, momentum, watch
+from keras_sam import _keras_compat, _warnings, hub, momentum, watch
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
 from keras_sam.selection import selected
 from keras_sam.state import LookSAMState
+
+# The default radius. A SAMModel remembers whether `rho` was left at it
+# (`rho is DEFAULT_RHO`: a value the caller wrote is another object), so
+# that Momentum-SAM can say when that default does not suit its optimizer.
+DEFAULT_RHO = 0.05
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -47,7 +52,8 @@ class SAMModel(keras.Model):
     either pass skips the step and lowers the scale. With `rho=0` training
     is bit for bit that of the base optimizer.
 
-    Variants, all composable (see the README for what each buys):
+    Variants, all composable (the guide "Choosing rho and a variant" says
+    what each buys):
 
         p           the ball's norm: e = rho sign(g)|g|^(q-1)/||g||_q^(q-1)
         adaptive    ASAM: the ball scaled by T = |w| + eta per weight
@@ -67,8 +73,11 @@ class SAMModel(keras.Model):
             trained plain model, ready to save and deploy without keras_sam.
         rho: radius of the ball: a finite float >= 0, a
             `keras.optimizers.schedules.LearningRateSchedule` or a callable
-            of the 0-based iteration. The paper uses 0.05 (CIFAR-10,
-            ImageNet) and 0.1 (CIFAR-100); ASAM's rho is typically 0.5 to 2.
+            of the 0-based iteration, which it receives as a scalar integer
+            tensor (write it with `keras.ops`: Python control flow on it
+            fails while the step is traced, with a `TypeError` that says
+            so). The paper uses 0.05 (CIFAR-10, ImageNet) and 0.1
+            (CIFAR-100); ASAM's rho is typically 0.5 to 2.
         p: the ball's norm, > 1: 2 (default) or `float("inf")` or any p.
         adaptive: ASAM (Kwon et al., 2021): T = |w| + eta element-wise on
             every perturbed variable, e = rho T^2 g / ||T g||_2 for p = 2.
@@ -96,12 +105,27 @@ class SAMModel(keras.Model):
             al., 2024): e = -rho u / ||u||_2 with u the optimizer's first
             moment in the gradient's sign (SGD with momentum, Adam, AdamW,
             Adamax, Nadam, Lion), and the step's only gradient taken at
-            w + e; e = 0 on the first step. Its rho is far larger than
-            SAM's (about 1 to 3). Composes with rho schedules, `p`,
+            w + e; e = 0 on the first step. Its rho is not SAM's: on an
+            MLP it helped from rho = 1 on (SGD + momentum and Adam), while
+            with Adam a Transformer stayed at chance at rho >= 0.3; left
+            at the default with SGD, `compile` warns. Composes with rho
+            schedules, `p`,
             `adaptive`, `perturb` and loss scaling; not with `gsam_alpha`,
             `sam_every`, `looksam_alpha` or `num_batch_splits`. The logs
             report the loss at w + e and no sharpness.
         **kwargs: passed to `keras.Model` (`name`, ...).
+
+    Raises:
+        TypeError: `model` is not a `keras.Model` or is already a
+            `SAMModel`; `rho` or `perturb` of the wrong type; a rho
+            schedule that cannot run on a traced iteration (at the first
+            step, before any weight changes).
+        ValueError: any argument out of range (a negative, NaN or
+            infinite `rho`, `eta` or alpha; p <= 1; `sam_every` or
+            `num_batch_splits` below 1; `looksam_alpha` without
+            `sam_every` > 1; an unknown `direction`, or "momentum" with a
+            two-gradient variant; a `perturb` that selects no variable),
+            each naming the argument, before any weight exists or changes.
 
     Example:
 
@@ -113,7 +137,7 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model: keras.Model, rho: Rho = 0.05, *,
+    def __init__(self, model: keras.Model, rho: Rho = DEFAULT_RHO, *,
                  p: float = 2.0, adaptive: bool = False, eta: float = 0.01,
                  gsam_alpha: float = 0.0, sam_every: int = 1,
                  looksam_alpha: Optional[float] = None,
@@ -144,6 +168,7 @@ class SAMModel(keras.Model):
         super().__init__(**kwargs)
         self.model = model
         self.options = options
+        self._rho_left_at_default = rho is DEFAULT_RHO
         # Momentum-SAM never evaluates L(w): no sharpness to log.
         self._sharpness_tracker = (None if options.momentum else
                                    keras.metrics.Mean(name="sharpness"))
@@ -221,6 +246,7 @@ class SAMModel(keras.Model):
         # variant state must exist by then.
         super()._symbolic_build(*args, **kwargs)
         self.build_sam_state()
+        sam_backend.check_rho_schedule(self.options)
 
     def test_step(self, *args):
         out = super().test_step(*args)   # JAX: (logs, state)
@@ -351,6 +377,9 @@ class SAMModel(keras.Model):
         super().compile(**hub.compile_arguments(self.model, arguments))
         if self.options.momentum:   # an optimizer without a first moment
             momentum.check_optimizer(self.optimizer)
+            advice = momentum.default_rho_advice(self.optimizer)
+            if advice and self._rho_left_at_default:
+                _warnings.warn(advice)
 
     def compile_from_config(self, config):
         # Keras does not compile a loaded model whose class overrides

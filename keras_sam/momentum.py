@@ -69,6 +69,29 @@ def check_optimizer(optimizer) -> None:
         "direction='gradient' (SAM).")
 
 
+def default_rho_advice(optimizer) -> str | None:
+    """What to say when Momentum-SAM keeps SAM's default rho (0.05) with SGD
+    + momentum, where that rho changes nothing; else None.
+
+    On MNIST-1D (benchmarks/msam_rho.py, benchmarks/generalization.py)
+    Momentum-SAM at rho = 0.05 trained like the base optimizer and helped
+    from rho = 1 on. Adam-like optimizers get no advice: with Adam a large
+    rho held a Transformer at chance (benchmarks/transformer_case.py
+    --study), so no single rho suits them.
+    """
+    inner = _inner(optimizer)
+    if _entry(optimizer) is None or not isinstance(inner,
+                                                   keras.optimizers.SGD):
+        return None
+    return (
+        "Momentum-SAM (direction='momentum') with rho left at its default, "
+        "0.05, and SGD with momentum: at that rho it trains like plain SGD "
+        "(on the MNIST-1D benchmarks it helped from rho = 1 to 3; "
+        "benchmarks/msam_rho.py). Pass rho explicitly, e.g. "
+        "SAMModel(model, rho=1.0, direction='momentum'), and search it on a "
+        "validation split.")
+
+
 def moment_positions(optimizer, trainable_variables) -> tuple[list, float]:
     """(positions in `optimizer.variables` of m for each trainable
     variable, sign with u = sign * m). The optimizer must be built."""

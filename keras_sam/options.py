@@ -54,6 +54,28 @@ def _first_value_checked(rho: Callable) -> Callable:
     return rho
 
 
+# What TensorFlow and JAX raise when Python control flow meets a traced
+# tensor (`if t < 3`, `min(t, 10)`, `float(t)`).
+_TRACING_ERRORS = ("OperatorNotAllowedInGraphError", "ConcretizationTypeError",
+                   "TracerBoolConversionError", "TracerIntegerConversionError")
+
+
+def _is_tracing_error(err: Exception) -> bool:
+    return any(t.__name__ in _TRACING_ERRORS for t in type(err).__mro__)
+
+
+def _schedule_needs_ops(rho: Callable, err: Exception) -> str:
+    return (
+        f"The rho schedule {rho!r} cannot be evaluated inside the train step. "
+        "It receives the iteration as a scalar integer tensor (symbolic while "
+        "the step is compiled), and it applies Python control flow or a "
+        "Python conversion to it (`if t < k`, `min(t, k)`, `float(t)`). "
+        "Write it with keras.ops, e.g. `lambda t: keras.ops.where(t < 100, "
+        "0.0, 0.05)`, or use a keras.optimizers.schedules."
+        "LearningRateSchedule such as PiecewiseConstantDecay. No weight was "
+        f"changed. ({type(err).__name__}: {str(err).splitlines()[0]})")
+
+
 def _rho(rho: Any) -> Rho:
     if isinstance(rho, keras.optimizers.schedules.LearningRateSchedule):
         return _first_value_checked(rho)
@@ -195,10 +217,16 @@ class SAMOptions:
 
     def rho_at(self, iteration):
         """rho for the step at `iteration` (a float, or a float32 tensor
-        from the schedule)."""
+        from the schedule, which receives `iteration` as a tensor)."""
         if isinstance(self.rho, float):
             return self.rho
-        return ops.cast(self.rho(iteration), "float32")
+        try:
+            value = self.rho(iteration)
+        except Exception as err:
+            if not _is_tracing_error(err):
+                raise
+            raise TypeError(_schedule_needs_ops(self.rho, err)) from err
+        return ops.cast(value, "float32")
 
     def get_config(self) -> dict:
         config = {f.name: getattr(self, f.name)

@@ -58,9 +58,23 @@ def global_norm(tensors: Sequence, p: float = 2.0) -> "ops.Tensor":
 
         ||g||_p = (sum_i sum_j |g_ij|^p)^(1/p),   ||g||_inf = max |g_ij|
 
-    Computed in float32 or wider. Returns NaN or inf when any entry is
-    non-finite; callers rely on that to detect a bad gradient with a single
-    scalar check.
+    Computed in float32 or wider.
+
+    Args:
+        tensors: a list of tensors (gradients, weights), any shapes.
+        p: the norm, >= 1, or `float("inf")` for the largest magnitude.
+
+    Returns:
+        A float32 scalar tensor; 0 for an empty list, NaN or inf when any
+        entry is non-finite (one scalar check finds a bad gradient).
+
+    Example:
+
+    ```python
+    grads = [keras.ops.ones((2, 2)), keras.ops.ones((4,))]
+    keras_sam.global_norm(grads)            # sqrt(8) = 2.828
+    keras_sam.global_norm(grads, p=float("inf"))   # 1.0
+    ```
     """
     if not tensors:
         return ops.zeros((), dtype="float32")
@@ -113,6 +127,16 @@ def sam_perturbation(grads: Sequence, rho, grad_norm=None
         `(e, grad_norm)`: the perturbation of each variable, in each
         gradient's dtype, and ||g||_2 (float32). The norm is returned so that
         callers can check finiteness without another pass over the gradients.
+
+    Example:
+
+    In a custom training loop, the ascent step of SAM:
+
+    ```python
+    e, grad_norm = keras_sam.sam_perturbation(grads, rho=0.05)
+    for variable, delta in zip(model.trainable_variables, e):
+        variable.assign_add(delta)        # climb to w + e
+    ```
     """
     if grad_norm is None:
         grad_norm = global_norm(grads)
@@ -144,6 +168,14 @@ def perturbation(grads: Sequence, rho, *, p: float = 2.0,
     Returns:
         e, one tensor per gradient in the gradient's dtype. A zero gradient
         gives e = 0.
+
+    Example:
+
+    ```python
+    w = model.trainable_variables
+    e = keras_sam.perturbation(grads, 0.5, weights=w)      # ASAM, p = 2
+    e_inf = keras_sam.perturbation(grads, 0.05, p=float("inf"))   # rho sign(g)
+    ```
     """
     if weights is None and p == 2:
         return sam_perturbation(grads, rho, grad_norm)[0]

@@ -54,6 +54,28 @@ def load_model(filepath, custom_objects=None, compile=True, **kwargs):
     SavedModel directory each get a message that names the problem and what
     to do, instead of Keras's generic one. keras_sam is imported, so a saved
     `SAMModel` deserializes.
+
+    Args:
+        filepath: the `.keras` file.
+        custom_objects: as for `keras.saving.load_model`.
+        compile: as for `keras.saving.load_model`: restore the compiled
+            optimizer, loss and metrics.
+        **kwargs: passed to `keras.saving.load_model` (`safe_mode`, ...).
+
+    Returns:
+        The model, a `SAMModel` for a file that `SAMModel.save` wrote.
+
+    Raises:
+        ValueError: `filepath` is missing, a directory (a SavedModel: load
+            it with `tf.saved_model.load` or `keras.layers.TFSMLayer`), or a
+            truncated or corrupted archive.
+
+    Example:
+
+    ```python
+    sam_model.save("run.keras")
+    sam_model = keras_sam.load_model("run.keras")   # resumes training
+    ```
     """
     path = os.fspath(filepath)
     if os.path.isdir(path):
@@ -106,10 +128,34 @@ def all_or_nothing(model):
 
 
 def load_weights(model, filepath, **kwargs):
-    """`model.load_weights(filepath)` for any Keras model, all or nothing:
-    weights that do not fit (another architecture) leave every variable as
-    it was, and the error lists the model's weights and the file's. A
-    SAMModel's `load_weights` does this itself."""
+    """`model.load_weights(filepath)` for any Keras model, all or nothing.
+
+    Keras's own `load_weights` writes layer by layer, so a file of another
+    architecture may leave the first layers overwritten before it fails.
+    Here weights that do not fit leave every variable as it was, and the
+    error lists the model's weights and the file's. A SAMModel's
+    `load_weights` does this itself.
+
+    Args:
+        model: any Keras model, plain or `SAMModel`.
+        filepath: a `.weights.h5` file, from a plain model or a SAMModel
+            (both layouts load into both).
+        **kwargs: passed to `model.load_weights`.
+
+    Returns:
+        What `model.load_weights` returns (None).
+
+    Raises:
+        ValueError: the file's weights do not fit `model`: the message
+            lists both sides with their shapes, and nothing changed.
+
+    Example:
+
+    ```python
+    plain = build_model()
+    keras_sam.load_weights(plain, "sam.weights.h5")   # a SAM run's file
+    ```
+    """
     with all_or_nothing(model):
         try:
             return model.load_weights(filepath, **kwargs)

@@ -18,6 +18,8 @@ from keras import ops
 
 from keras_sam._keras_compat import to_numpy
 
+__all__ = ["RhoFollowsLearningRate"]
+
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class RhoFollowsLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -28,6 +30,29 @@ class RhoFollowsLearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
     with lr_max = lr_0 (the learning rate at iteration 0) and lr_min given
     (0 by default: rho reaches rho_min when the learning rate reaches 0).
+
+    Args:
+        learning_rate: the optimizer's own
+            `keras.optimizers.schedules.LearningRateSchedule`.
+        rho_max: rho at iteration 0, where the learning rate is largest.
+        rho_min: rho where the learning rate reaches `lr_min`;
+            0 <= rho_min <= rho_max.
+        lr_min: the learning rate at which rho is `rho_min`, below lr_0.
+
+    Raises:
+        TypeError: `learning_rate` is not a `LearningRateSchedule`.
+        ValueError: not 0 <= rho_min <= rho_max, or lr_0 <= lr_min.
+
+    Example:
+
+    ```python
+    lr = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=10_000)
+    rho = keras_sam.schedules.RhoFollowsLearningRate(lr, rho_max=0.05,
+                                                     rho_min=0.01)
+    sam_model = keras_sam.SAMModel(model, rho=rho, gsam_alpha=0.3)
+    sam_model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9),
+                      loss="sparse_categorical_crossentropy")
+    ```
     """
 
     def __init__(self, learning_rate, rho_max: float, rho_min: float = 0.0,

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import keras
 
+__all__ = ["NoBiasNoNormalization", "NoEmbeddings", "NormalizationOnly",
+           "Selection"]
+
 NORMALIZATION_LAYERS = (
     keras.layers.BatchNormalization,
     keras.layers.LayerNormalization,
@@ -31,7 +34,24 @@ NORMALIZATION_LAYERS = (
 
 
 class Selection:
-    """A serializable `perturb` predicate that also sees the owning layer."""
+    """A serializable `perturb` predicate that also sees the owning layer.
+
+    Subclass it, implement `select(variable, layer)` (True: perturb this
+    variable) and register the class, so that `.keras` files save and load
+    it without `safe_mode=False`. Arguments of `__init__` belong in
+    `get_config`.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable(package="my_project")
+    class KernelsOnly(keras_sam.selection.Selection):
+        def select(self, variable, layer):
+            return variable.path.endswith("kernel")
+
+    sam_model = keras_sam.SAMModel(model, rho=0.05, perturb=KernelsOnly())
+    ```
+    """
 
     def select(self, variable, layer) -> bool:
         raise NotImplementedError
@@ -54,7 +74,15 @@ class Selection:
 class NormalizationOnly(Selection):
     """SAM-ON (Mueller et al., 2023): perturb only the scale and offset of
     normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm); use a
-    larger rho than for full SAM (the paper goes up to 10x)."""
+    larger rho than for full SAM (the paper goes up to 10x).
+
+    Example:
+
+    ```python
+    sam_model = keras_sam.SAMModel(
+        model, rho=0.5, perturb=keras_sam.selection.NormalizationOnly())
+    ```
+    """
 
     def select(self, variable, layer) -> bool:
         return isinstance(layer, NORMALIZATION_LAYERS)
@@ -64,7 +92,15 @@ class NormalizationOnly(Selection):
 class NoBiasNoNormalization(Selection):
     """Perturb weight matrices and kernels only: biases (1-D variables of
     non-normalization layers) and normalization parameters keep e = 0, as
-    weight decay commonly leaves them out."""
+    weight decay commonly leaves them out.
+
+    Example:
+
+    ```python
+    sam_model = keras_sam.SAMModel(
+        model, rho=0.05, perturb=keras_sam.selection.NoBiasNoNormalization())
+    ```
+    """
 
     def select(self, variable, layer) -> bool:
         if isinstance(layer, NORMALIZATION_LAYERS):
@@ -74,9 +110,16 @@ class NoBiasNoNormalization(Selection):
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class NoEmbeddings(Selection):
-    """Everything but `Embedding` tables (token and position embeddings):
-    the setting that lets SAM train Transformers with Adam at rho = 0.05
-    (see the README's Transformer notes)."""
+    """Everything but `Embedding` tables (token and position embeddings),
+    whose rows a batch touches only in part.
+
+    Example:
+
+    ```python
+    sam_model = keras_sam.SAMModel(
+        model, rho=0.05, perturb=keras_sam.selection.NoEmbeddings())
+    ```
+    """
 
     def select(self, variable, layer) -> bool:
         return not isinstance(layer, keras.layers.Embedding)

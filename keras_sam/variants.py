@@ -40,6 +40,8 @@ from keras import ops
 
 from keras_sam.perturbation import global_dot, global_norm
 
+__all__ = ["gsam_direction", "looksam_component", "looksam_direction"]
+
 
 def _safe_ratio(num, den):
     """num / den, and 0 where den is 0."""
@@ -55,10 +57,27 @@ def _axpy(a, x: Sequence, y: Sequence) -> list:
 
 
 def gsam_direction(grads: Sequence, sam_grads: Sequence, alpha) -> list:
-    """d = g_s - alpha * (g - (<g, g_s> / ||g_s||^2) g_s).
+    """GSAM's update direction, d = g_s - alpha * g_perp.
 
-    Equivalently (1 + alpha c) g_s - alpha g with c = <g, g_s> / ||g_s||^2;
-    alpha = 0 returns g_s.
+        g_perp = g - (<g, g_s> / ||g_s||^2) g_s     the part of g
+                                                    orthogonal to g_s
+
+    Equivalently (1 + alpha c) g_s - alpha g with c = <g, g_s> / ||g_s||^2.
+
+    Args:
+        grads: g, the gradients at w.
+        sam_grads: g_s, the gradients at w + e, matching `grads`.
+        alpha: GSAM's alpha, >= 0; 0 returns g_s.
+
+    Returns:
+        d, one tensor per gradient, for the optimizer to apply at w.
+
+    Example:
+
+    ```python
+    d = keras_sam.variants.gsam_direction(g, g_s, alpha=0.2)
+    optimizer.apply(d, model.trainable_variables)
+    ```
     """
     c = _safe_ratio(global_dot(grads, sam_grads),
                     ops.square(global_norm(sam_grads)))
@@ -68,7 +87,24 @@ def gsam_direction(grads: Sequence, sam_grads: Sequence, alpha) -> list:
 
 
 def looksam_component(grads: Sequence, sam_grads: Sequence) -> list:
-    """g_v = g_s - (<g, g_s> / ||g||^2) g: the part of g_s orthogonal to g."""
+    """LookSAM's stored direction g_v = g_s - (<g, g_s> / ||g||^2) g.
+
+    g_v is the part of g_s orthogonal to g, kept from a SAM step and reused
+    by `looksam_direction` on the steps in between.
+
+    Args:
+        grads: g, the gradients at w.
+        sam_grads: g_s, the gradients at w + e, matching `grads`.
+
+    Returns:
+        g_v, one tensor per gradient (0 where g is zero).
+
+    Example:
+
+    ```python
+    g_v = keras_sam.variants.looksam_component(g, g_s)   # on a SAM step
+    ```
+    """
     c = _safe_ratio(global_dot(grads, sam_grads),
                     ops.square(global_norm(grads)))
     return _axpy(-c, grads, list(sam_grads))
@@ -76,10 +112,24 @@ def looksam_component(grads: Sequence, sam_grads: Sequence) -> list:
 
 def looksam_direction(grads: Sequence, g_v: Sequence, alpha,
                       grad_norm=None, direction_norm=None) -> list:
-    """d = g + alpha * (||g|| / ||g_v||) * g_v; g when g_v is zero.
+    """LookSAM's direction between SAM steps, d = g + alpha (||g|| / ||g_v||) g_v.
 
-    `grad_norm` = ||g|| and `direction_norm` = ||g_v||, when the caller
-    already has them (each saves a pass over the weights).
+    Args:
+        grads: g, the gradients at w on this (one-pass) step.
+        g_v: the direction kept by `looksam_component` on the last SAM step.
+        alpha: LookSAM's alpha, >= 0.
+        grad_norm: ||g||, when the caller already has it (saves a pass over
+            the weights); None computes it.
+        direction_norm: ||g_v||, likewise.
+
+    Returns:
+        d, one tensor per gradient; g itself when g_v is zero.
+
+    Example:
+
+    ```python
+    d = keras_sam.variants.looksam_direction(g, g_v, alpha=0.7)
+    ```
     """
     grad_norm = global_norm(grads) if grad_norm is None else grad_norm
     direction_norm = (global_norm(g_v) if direction_norm is None

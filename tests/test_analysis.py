@@ -78,3 +78,37 @@ def test_uncompiled_model_is_rejected():
     x, y = regression_data()
     with pytest.raises(ValueError, match="compiled"):
         sharpness(tanh_mlp(), x, y)
+
+
+@pytest.mark.tensorflow_only
+def test_measuring_every_epoch_traces_once_per_model_and_logs_no_retracing(
+        caplog):
+    """A SharpnessMonitor measures every epoch, on several models in one
+    process: each model's functions are traced about twice (one batch
+    shape, then any), reused across measurements, and TensorFlow logs no
+    "excessive retracing" warning."""
+    import logging
+
+    import keras
+
+    from keras_sam.analysis import _data
+
+    x, y = regression_data(n=96)
+    caplog.set_level(logging.WARNING, logger="tensorflow")
+    for seed in range(3):
+        sam = keras_sam.SAMModel(tanh_mlp(seed=seed), rho=0.05)
+        sam.compile(optimizer="sgd", loss="mse")
+        monitor = keras_sam.callbacks.SharpnessMonitor(x[:32], y[:32],
+                                                       trace_probes=2)
+        sam.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                callbacks=[monitor])
+        sharpness(sam, x, y, batch_size=40)    # another batch shape
+        functions = _data.functions(sam)
+        assert functions is _data.functions(sam)
+        for name in ("loss", "gradient", "hvp"):
+            assert getattr(functions, name).experimental_get_tracing_count() \
+                <= 2, name
+    sam.model.layers[0].trainable = False   # other variables: new functions
+    assert _data.functions(sam) is not functions
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    keras.backend.clear_session()

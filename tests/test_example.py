@@ -1,12 +1,15 @@
-"""The README's example runs end to end (shortened)."""
+"""The examples run end to end (shortened), and print the tables that the
+docs show from their full runs (docs/results/)."""
 
 import importlib.util
 import pathlib
 
+from test_docs import assert_same_columns_and_rows
+
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "mnist1d_sam.py"
 
 
-def test_mnist1d_example_runs_and_reports_both_optimizers():
+def test_mnist1d_example_runs_and_reports_both_optimizers(capsys):
     spec = importlib.util.spec_from_file_location("mnist1d_sam", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -18,6 +21,7 @@ def test_mnist1d_example_runs_and_reports_both_optimizers():
         run = results[name][0]
         assert run["test_acc"] > 0.2  # ten classes: well above chance
         assert run["sharpness"] > 0
+    assert_same_columns_and_rows(capsys.readouterr().out, "mnist1d_sam")
 
 
 def test_distributed_example_runs_on_two_logical_devices():
@@ -35,9 +39,10 @@ def test_distributed_example_runs_on_two_logical_devices():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MirroredStrategy, 2 replicas" in out.stdout
     assert "| True | whole batch |" in out.stdout
+    assert_same_columns_and_rows(out.stdout, "distributed_workers")
 
 
-def test_landscape_example_writes_its_table_and_pictures(tmp_path):
+def test_landscape_example_writes_its_table_and_pictures(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
         "landscape", EXAMPLE.with_name("landscape.py"))
     module = importlib.util.module_from_spec(spec)
@@ -51,3 +56,4 @@ def test_landscape_example_writes_its_table_and_pictures(tmp_path):
     for name in ("landscape_1d", "landscape_2d_sgd", "landscape_2d_sam",
                  "interpolation"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert_same_columns_and_rows(capsys.readouterr().out, "landscape")

@@ -115,6 +115,66 @@ def test_a_schedule_that_goes_bad_later_never_trains_silently():
     assert int(sam.optimizer.iterations) == 2   # no step was applied
 
 
+def _python_only(t):
+    """A schedule a user writes first: Python control flow on the step."""
+    return 0.05 if t < 2 else 0.0
+
+
+def test_a_python_only_schedule_is_refused_before_any_weight_changes():
+    """TensorFlow and JAX trace the step, where `if t < 2` cannot run: a
+    TypeError says how to write the schedule, and every variable (JAX's
+    fit included, which holds them as values while it trains) is as it
+    was. PyTorch runs the step eagerly, where the schedule works as
+    written: rho 0.05 for two steps, then plain SGD."""
+    x, y = regression_data(n=48)
+    model = tanh_mlp()
+    sam = keras_sam.SAMModel(model, rho=_python_only)
+    sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = weights64(model)
+    if keras.backend.backend() == "torch":
+        sam.fit(x, y, batch_size=16, verbose=0)
+        twin = tanh_mlp()
+        twin.set_weights([w.astype("float32") for w in before])
+        constant = keras_sam.SAMModel(twin, rho=0.05)
+        constant.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        constant.fit(x[:32], y[:32], batch_size=16, verbose=0)
+        plain = twin   # the third step without SAM
+        plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        plain.optimizer.build(plain.trainable_variables)
+        plain.train_on_batch(x[32:], y[32:])
+        for a, b in zip(weights64(model), weights64(twin)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        return
+    with pytest.raises(TypeError, match=r"(?s)iteration as a scalar integer "
+                       r"tensor.*keras\.ops.*No weight was changed"):
+        sam.fit(x, y, batch_size=16, verbose=0)
+    for a, b in zip(before, weights64(model)):
+        np.testing.assert_array_equal(a, b)
+    assert int(keras_sam._keras_compat.to_numpy(sam.optimizer.iterations)) == 0
+
+
+def test_momentum_sam_left_at_the_default_rho_with_sgd_says_so():
+    """At rho = 0.05 Momentum-SAM with SGD + momentum trains like SGD:
+    left at the default with SGD, `compile` warns (once, at the user's
+    line); a rho the user wrote, even 0.05, or an Adam-like optimizer
+    (where a large rho can stall a Transformer), gives no warning."""
+    def compiled(optimizer, **kwargs):
+        sam = keras_sam.SAMModel(tanh_mlp(), direction="momentum", **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sam.compile(optimizer=optimizer, loss="mse")
+        return [w for w in caught if "Momentum-SAM" in str(w.message)]
+
+    sgd = lambda: keras.optimizers.SGD(0.05, momentum=0.9)  # noqa: E731
+    (warning,) = compiled(sgd())
+    assert "rho=1.0" in str(warning.message)
+    assert warning.filename == __file__
+    assert compiled(sgd(), rho=0.05) == []
+    assert compiled(sgd(), rho=1.0) == []
+    assert compiled(keras.optimizers.Adam()) == []
+    assert compiled(keras.optimizers.AdamW()) == []
+
+
 # ---------------------------------------------- training that bypasses SAM
 
 def _ours(caught, text):

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -15,8 +14,6 @@ import tensorflow as tf
 
 import keras_sam
 from conftest import bn_mlp, regression_data
-
-README = Path(__file__).parents[1] / "README.md"
 
 
 def _model(seed=0, dropout=False):
@@ -233,19 +230,3 @@ def test_weights_of_another_architecture_are_explained(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def _readme_section(title):
-    text = README.read_text()
-    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-
-@pytest.mark.tensorflow_only
-def test_readme_saving_snippets_run(tmp_path, monkeypatch):
-    blocks = _readme_section("Saving and serving")
-    assert len(blocks) >= 3
-    monkeypatch.chdir(tmp_path)
-    sam, x, y = _trained_sam(epochs=1)
-    namespace = {"sam_model": sam, "x": x, "y": y, "x_train": x,
-                 "y_train": y}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)

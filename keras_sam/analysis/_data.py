@@ -22,7 +22,24 @@ def check_model(model) -> None:
 
 
 def functions(model):
-    """The backend's loss / gradient / Hessian-vector product of `model`."""
+    """The backend's loss / gradient / Hessian-vector product of `model`.
+
+    One instance per model, kept on it while its trainable variables and
+    compiled loss stay the same: TensorFlow then traces its functions once,
+    not at every measurement (a `SharpnessMonitor` measures every epoch).
+    """
+    key = (tuple(id(v) for v in model.trainable_variables),
+           id(model.loss), id(getattr(model, "_compile_loss", None)))
+    cached = model.__dict__.get("_keras_sam_functions")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    made = _new_functions(model)
+    # Not a tracked attribute: Keras neither saves nor serializes it.
+    object.__setattr__(model, "_keras_sam_functions", (key, made))
+    return made
+
+
+def _new_functions(model):
     backend = keras.backend.backend()
     if backend == "tensorflow":
         from keras_sam.backend.tensorflow.analysis import ModelFunctions

@@ -69,12 +69,18 @@ def hessian_eigenvalues(model: keras.Model, x, y=None, k: int = 1, *,
             is its compiled loss plus `model.losses` (the training objective,
             regularizers included), averaged over all examples, in inference
             mode; the Hessian is over its trainable variables.
-        x, y: anything `evaluate` takes (arrays, a tf.data.Dataset, a
-            PyDataset); `steps` limits the batches.
+        x: the data, anything `evaluate` takes: arrays with `y`, a
+            `tf.data.Dataset` or a `keras.utils.PyDataset` of `(x, y)` or
+            `(x, y, sample_weight)` batches.
+        y: the targets for array `x`; None for a dataset.
         k: how many eigenvalues, >= 1.
+        batch_size: examples per batch (arrays only).
+        sample_weight: per-example weights of the loss (arrays only).
+        steps: how many batches to use; None for all.
         max_iter: the most Hessian-vector products (each a pass over the
-            data); tol: the relative residual at which a Ritz value counts
-            as converged.
+            data).
+        tol: the relative residual at which a Ritz value counts as
+            converged.
         seed: of the random start vector.
         return_eigenvectors: also return the eigenvectors, each a list of
             arrays shaped like `model.trainable_variables`.
@@ -84,6 +90,18 @@ def hessian_eigenvalues(model: keras.Model, x, y=None, k: int = 1, *,
         A float64 array of k eigenvalues, or `(eigenvalues, eigenvectors)`.
         Not converged after `max_iter`: the best estimates, with a warning.
         The weights are not changed.
+
+    Raises:
+        ValueError: `k`, `max_iter` not positive integers, or k larger than
+            the number of trainable weights; the model not compiled.
+
+    Example:
+
+    ```python
+    top3 = keras_sam.analysis.hessian_eigenvalues(model, x, y, k=3)
+    values, vectors = keras_sam.analysis.hessian_eigenvalues(
+        model, dataset, k=1, return_eigenvectors=True)
+    ```
     """
     check_model(model)
     _check_int("k", k)
@@ -157,6 +175,33 @@ def hessian_trace(model: keras.Model, x, y=None, *, probes: int = 50,
 
     The loss and the data are those of `hessian_eigenvalues`. The weights
     are not changed.
+
+    Args:
+        model: any compiled Keras model (a SAMModel or a plain one).
+        x: the data, anything `evaluate` takes: arrays with `y`, a
+            `tf.data.Dataset` or a `keras.utils.PyDataset` of `(x, y)` or
+            `(x, y, sample_weight)` batches.
+        y: the targets for array `x`; None for a dataset.
+        probes: how many Rademacher vectors, >= 2; the standard error falls
+            as 1 / sqrt(probes).
+        batch_size: examples per batch (arrays only).
+        sample_weight: per-example weights of the loss (arrays only).
+        steps: how many batches to use; None for all.
+        seed: of the probes.
+        verbose: 1 shows a Keras progress bar over the probes.
+
+    Returns:
+        `(trace, standard_error)`, two floats.
+
+    Raises:
+        ValueError: `probes` below 2; the model not compiled.
+
+    Example:
+
+    ```python
+    trace, standard_error = keras_sam.analysis.hessian_trace(
+        model, x, y, probes=50)
+    ```
     """
     check_model(model)
     _check_int("probes", probes, low=2)

@@ -28,11 +28,34 @@ from keras_sam.analysis._data import Data, check_model, float64, functions
 
 def filter_normalized_direction(weights, seed: int = 0,
                                 normalization: str = "filter") -> list:
-    """A random direction shaped like `weights` (a list of arrays).
+    """A random Gaussian direction shaped like `weights`, normalized.
 
-    `normalization`: "filter" (each filter to the norm of w's filter),
-    "layer" (each variable to the norm of w's variable) or None (raw
-    Gaussian). 1-D variables get 0 under "filter" and "layer".
+    Filter normalization (Li et al., 2018) rescales each filter d_f of the
+    direction to the norm of the same filter of w, d_f <- d_f ||w_f|| /
+    ||d_f||, so that networks of different scales compare; a filter is the
+    last axis of a Keras kernel (a dense layer's neuron, a convolution's
+    output channel).
+
+    Args:
+        weights: w, a list of arrays (e.g. `model.get_weights()` of the
+            trainable variables).
+        seed: of the Gaussian draw.
+        normalization: "filter", "layer" (each variable to the norm of w's
+            variable) or None (raw Gaussian). 1-D variables (biases,
+            normalization parameters) get 0 under "filter" and "layer".
+
+    Returns:
+        A list of float64 arrays, one per weight.
+
+    Raises:
+        ValueError: an unknown `normalization`.
+
+    Example:
+
+    ```python
+    w = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    d = keras_sam.analysis.filter_normalized_direction(w, seed=1)
+    ```
     """
     if normalization not in ("filter", "layer", None):
         raise ValueError("`normalization` must be 'filter', 'layer' or None;"
@@ -101,9 +124,13 @@ def loss_landscape(model: keras.Model, x, y=None, *, dims: int = 1,
     Args:
         model: any compiled Keras model; the loss is its compiled loss plus
             `model.losses`, averaged over (x, y), in inference mode.
+        x: the data, anything `evaluate` takes: arrays with `y`, a
+            `tf.data.Dataset` or a `keras.utils.PyDataset` of batches.
+        y: the targets for array `x`; None for a dataset.
         dims: 1 (a curve along one direction) or 2 (a grid over two).
-        resolution: points per axis; extent: the axis runs over
-            [-extent, extent] in units of the direction.
+        resolution: points per axis, >= 2.
+        extent: the axis runs over [-extent, extent] in units of the
+            direction, > 0.
         normalization: of the random directions, see
             `filter_normalized_direction`.
         seed: of the directions (the second uses seed + 1).
@@ -111,12 +138,30 @@ def loss_landscape(model: keras.Model, x, y=None, *, dims: int = 1,
             `.keras` file, or a list of its
             trainable weights: the curve runs along the line from w (t = 0)
             to those weights (t = 1), over [-extent, 1 + extent] (1-D only).
+        batch_size: examples per batch (arrays only).
+        sample_weight: per-example weights of the loss (arrays only).
+        steps: how many batches to use; None for all.
 
     Returns:
         1-D: {"alphas", "losses", "directions"}; 2-D: {"alphas", "betas",
         "losses" (resolution x resolution, losses[i, j] at alphas[i],
         betas[j]), "directions"}. "center_loss" is L(w). The weights are
         not changed.
+
+    Raises:
+        ValueError: `dims`, `resolution` or `extent` out of range; `toward`
+            of another architecture, or with `dims=2`.
+        TypeError: `toward` of a type it cannot read weights from.
+
+    Example:
+
+    ```python
+    curve = keras_sam.analysis.loss_landscape(model, x, y)
+    grid = keras_sam.analysis.loss_landscape(model, x, y, dims=2,
+                                             resolution=25)
+    line = keras_sam.analysis.loss_landscape(sgd_model, x, y,
+                                             toward=sam_model)
+    ```
     """
     check_model(model)
     if dims not in (1, 2):

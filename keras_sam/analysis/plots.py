@@ -26,7 +26,23 @@ def plot_landscape_1d(curves: dict, path=None, title: str | None = None,
     Args:
         curves: {label: result of `loss_landscape(dims=1)`}.
         path: where to write the PNG (None: do not write).
+        title: the figure's title.
         log_scale: a logarithmic loss axis.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        TypeError: a single result instead of {label: result}.
+        ValueError: a 2-D result among the curves.
+        ImportError: matplotlib is not installed (`keras-sam[plots]`).
+
+    Example:
+
+    ```python
+    keras_sam.analysis.plot_landscape_1d({"SGD": curve_sgd, "SAM": curve_sam},
+                                         "landscape_1d.png")
+    ```
     """
     if "alphas" in curves:   # one result passed without its label
         raise TypeError(
@@ -65,9 +81,25 @@ def plot_landscape_2d(result: dict, path=None, kind: str = "contour",
 
     Args:
         result: of `loss_landscape(dims=2)`.
+        path: where to write the PNG (None: do not write).
         kind: "contour" or "surface".
+        title: the figure's title.
         levels: the number of contour levels, or the levels themselves
             (give two maps the same levels to compare them).
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ValueError: an unknown `kind`, or a 1-D result.
+        ImportError: matplotlib is not installed (`keras-sam[plots]`).
+
+    Example:
+
+    ```python
+    grid = keras_sam.analysis.loss_landscape(model, x, y, dims=2)
+    keras_sam.analysis.plot_landscape_2d(grid, "landscape_2d.png")
+    ```
     """
     if kind not in ("contour", "surface"):
         raise ValueError(f"`kind` must be 'contour' or 'surface'; received "

@@ -44,10 +44,11 @@ def sharpness(
         model: a compiled `keras.Model` (a `SAMModel` or a plain model); L is
             its compiled loss plus `model.losses`, in inference mode (no
             dropout, BatchNorm with its moving statistics).
-        x, y: the data, in any form `model.evaluate` takes: NumPy arrays (or
+        x: the data, in any form `model.evaluate` takes: NumPy arrays (or
             nested structures of them) with `y`, or a `tf.data.Dataset` /
             `keras.utils.PyDataset` yielding `(x, y)` or
-            `(x, y, sample_weight)` batches (then `y` is None).
+            `(x, y, sample_weight)` batches.
+        y: the targets for array `x`; None for a dataset.
         rho: radius of the L2 ball, a finite float >= 0.
         batch_size: m, the number of examples in each batch (arrays only; a
             dataset keeps its own batches).
@@ -62,6 +63,19 @@ def sharpness(
     Returns:
         The estimate, averaged over batches with weights equal to their sizes.
         The model's weights are not changed.
+
+    Raises:
+        ValueError: `rho` negative or not finite, `ascent_steps` below 1,
+            no examples in the data, or labels that do not fit the compiled
+            loss (one-hot labels with a sparse loss, say), said in one line.
+
+    Example:
+
+    ```python
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    keras_sam.analysis.sharpness(model, x_train, y_train, rho=0.05)
+    keras_sam.analysis.sharpness(model, train_dataset, rho=0.05, steps=20)
+    ```
     """
     rho = validate_rho(rho)
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) \

@@ -40,3 +40,16 @@ def explain_failure(error: BaseException):
     from keras_sam.backend.jax.processes import explain
 
     return explain(error)
+
+
+def check_rho_schedule(options) -> None:
+    """Evaluate a rho schedule on a traced iteration now, before `fit`
+    hands the variables' values to JAX's jitted step: a schedule that
+    cannot be traced fails here with `options.rho_at`'s TypeError, with
+    every variable as it was (TensorFlow raises the same error while
+    tracing its first step; PyTorch runs the schedule eagerly)."""
+    if keras.backend.backend() != "jax" or isinstance(options.rho, float):
+        return
+    import jax
+
+    jax.eval_shape(options.rho_at, jax.ShapeDtypeStruct((), "int32"))

@@ -23,6 +23,11 @@ class ModelFunctions:
     def __init__(self, model: keras.Model):
         self.model = model
         self.variables = list(model.trainable_variables)
+        # Functions of this instance: every model traces its own (about
+        # twice: one batch shape, then any).
+        self.loss = _function(self._loss)
+        self.gradient = _function(self._gradient)
+        self.hvp = _function(self._hvp)
 
     def loss_at(self, values, x, y, sample_weight):
         """L(values) on one batch, traced into the caller's graph."""
@@ -33,19 +38,16 @@ class ModelFunctions:
                                            training=False)
         return tf.cast(loss, tf.float32)
 
-    @tf.function(reduce_retracing=True)
-    def loss(self, values, x, y, sample_weight):
+    def _loss(self, values, x, y, sample_weight):
         return self.loss_at(values, x, y, sample_weight)
 
-    @tf.function(reduce_retracing=True)
-    def gradient(self, values, x, y, sample_weight):
+    def _gradient(self, values, x, y, sample_weight):
         with tf.GradientTape() as tape:
             tape.watch(values)
             loss = self.loss_at(values, x, y, sample_weight)
         return loss, _dense(tape.gradient(loss, values), values)
 
-    @tf.function(reduce_retracing=True)
-    def hvp(self, values, vector, x, y, sample_weight):
+    def _hvp(self, values, vector, x, y, sample_weight):
         """(L(w), H v) on one batch."""
         with tf.GradientTape() as outer:
             outer.watch(values)
@@ -59,6 +61,18 @@ class ModelFunctions:
 
     def weights(self) -> list:
         return [tf.identity(v.value) for v in self.variables]
+
+
+def _function(method):
+    """`method` as a tf.function of its own. TensorFlow warns about
+    "excessive retracing" per code object, across instances: measuring
+    several models (or one model, then a SAMModel around it) is not that,
+    so this function does not take part in the count (a private flag of
+    tf.function; without it, only the log line comes back)."""
+    function = tf.function(method, reduce_retracing=True)
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    return function
 
 
 def _dense(grads, like):

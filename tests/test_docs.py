@@ -1,0 +1,258 @@
+"""The documentation: every Python block runs, the site builds strictly, and
+every table of figures is one that a command in the repository printed.
+
+Blocks run page by page, in order, in one fresh Python process per page
+(what a reader pasting them one after the other gets), in a scratch
+directory. A block may be preceded by a marker line:
+
+    <!-- skip: needs a GPU | a cluster | a download (...) -->   not run
+    <!-- session: NAME=VALUE ... -->   this block and the rest of the page
+                                       run in a new process with this
+                                       environment (e.g. KERAS_BACKEND=jax)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "results"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if RESULTS not in p.parents)
+SOURCES = [ROOT / "README.md", *PAGES]
+MARKER = re.compile(r"<!--\s*(skip|session):\s*(.*?)\s*-->")
+SKIP_REASONS = ("GPU", "cluster", "download")
+
+pytestmark = pytest.mark.tensorflow_only
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def blocks(path: Path) -> list[dict]:
+    """The page's ```python blocks: code, first line, marker."""
+    lines = path.read_text().splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start = i + 1
+            end = lines.index("```", start)
+            marker = MARKER.fullmatch(lines[i - 1].strip()) if i else None
+            found.append({"code": "\n".join(lines[start:end]),
+                          "line": start + 1,
+                          "kind": marker.group(1) if marker else None,
+                          "arg": marker.group(2) if marker else None})
+            i = end
+        i += 1
+    return found
+
+
+def sessions(path: Path) -> list[tuple[dict, list[dict]]]:
+    """(environment, blocks) per process, skipped blocks left out."""
+    out = [({}, [])]
+    for block in blocks(path):
+        if block["kind"] == "skip":
+            continue
+        if block["kind"] == "session":
+            env = dict(item.split("=", 1) for item in block["arg"].split())
+            out.append((env, []))
+        out[-1][1].append(block)
+    return [(env, code) for env, code in out if code]
+
+
+RUNNER = """
+import json, sys
+namespace = {"__name__": "__main__"}
+for block in json.load(open(sys.argv[1])):
+    print(f"--- {block['where']}", flush=True)
+    exec(compile(block["code"], block["where"], "exec"), namespace)
+"""
+
+
+@pytest.mark.parametrize("page", [_name(p) for p in SOURCES
+                                  if any(b["kind"] != "skip"
+                                         for b in blocks(p))])
+def test_every_python_block_of_the_page_runs(page, tmp_path):
+    path = ROOT / page
+    for n, (extra_env, code) in enumerate(sessions(path)):
+        script = tmp_path / f"blocks{n}.json"
+        script.write_text(json.dumps(
+            [{"code": b["code"], "where": f"{page}:{b['line']}"}
+             for b in code]))
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+               "TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg",
+               **extra_env}
+        run = subprocess.run([sys.executable, "-c", RUNNER, str(script)],
+                             cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert run.returncode == 0, (
+            f"{page}, session {n} ({extra_env}):\n{run.stdout[-2000:]}\n"
+            f"{run.stderr[-4000:]}")
+
+
+def test_only_blocks_that_need_a_gpu_a_cluster_or_a_download_are_skipped():
+    counted = {"run": 0, "skipped": 0}
+    for path in SOURCES:
+        for block in blocks(path):
+            if block["kind"] == "skip":
+                counted["skipped"] += 1
+                assert any(r in block["arg"] for r in SKIP_REASONS), (
+                    f"{_name(path)}:{block['line']}: a skipped block must "
+                    f"say that it needs one of {SKIP_REASONS}")
+            else:
+                counted["run"] += 1
+    assert counted["run"] >= 30 and counted["skipped"] <= 3, counted
+    # A fence that is not exactly ```python would escape the runner.
+    for path in SOURCES:
+        text = path.read_text()
+        assert not re.search(r"^```(py|python3|pycon)\s*$", text, re.M), path
+
+
+def test_mkdocs_builds_strictly(tmp_path):
+    """No broken link or anchor, every API name resolves, every included
+    table exists (mkdocs.yml sets strict: true)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+         str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    api = (tmp_path / "site" / "api" / "sam-model" / "index.html").read_text()
+    assert "sam_every" in api and "Raises" in api
+
+
+# ------------------------------------------------------------------ tables
+
+FIGURE = re.compile(r"^\s*[-+]?\d+\.\d+")
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):   # cells split at unescaped bars
+            cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+            current.append([c.strip() for c in cells])
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def test_figures_in_the_pages_come_from_recorded_command_output():
+    """A table with a measured number in it lives in docs/results/ (written
+    by benchmarks/record.py from a command's output), never in a page."""
+    for path in SOURCES:
+        for table in tables(path.read_text()):
+            figures = [c for row in table[2:] for c in row if FIGURE.match(c)]
+            assert not figures, (
+                f"{_name(path)}: a table of figures ({figures[:3]}) written "
+                "into the page; record it with benchmarks/record.py and "
+                "include docs/results/NAME.md")
+
+
+def test_every_recorded_table_names_its_command_and_is_shown():
+    included = {m for path in SOURCES for m in re.findall(
+        r'--8<-- "docs/results/([\w-]+)\.md"', path.read_text())}
+    recorded = {p.stem for p in RESULTS.glob("*.md")}
+    assert included <= recorded, included - recorded
+    assert recorded <= included, f"not shown anywhere: {recorded - included}"
+    listing = (DOCS / "benchmarks.md").read_text()
+    for name in recorded:
+        text = (RESULTS / f"{name}.md").read_text()
+        command = re.search(r"Printed by `python ([^`]+)`", text)
+        assert command, f"{name}.md does not name its command"
+        script = ROOT / command.group(1).split()[0]
+        assert script.exists(), f"{name}.md: no {script}"
+        assert f"| `{name}` | `python {command.group(1).split()[0]}" in \
+            listing, f"benchmarks.md does not list {name}"
+        assert tables(text), f"{name}.md has no table"
+
+
+def recorded_tables(name: str) -> list[list[list[str]]]:
+    return tables((RESULTS / f"{name}.md").read_text())
+
+
+def assert_same_columns_and_rows(printed: str, name: str):
+    """The tables `printed` by a shortened run have the columns and the row
+    labels of the recorded full run."""
+    now, then = tables(printed), recorded_tables(name)
+    assert [t[0] for t in now] == [t[0] for t in then], name
+    assert [[r[0] for r in t[2:]] for t in now] == \
+        [[r[0] for r in t[2:]] for t in then], name
+
+
+def _module(relative: str):
+    spec = importlib.util.spec_from_file_location(
+        Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generalization_table_is_what_its_saved_results_print(capsys):
+    """Figure for figure: the page's table is what `generalization.py
+    --report` prints from benchmarks/results/generalization.json."""
+    record = _module("benchmarks/record.py")
+    generalization = _module("benchmarks/generalization.py")
+    saved = json.loads((ROOT / "benchmarks" / "results" /
+                        "generalization.json").read_text())
+    generalization.report(saved["meta"], saved["results"])
+    printed = record.report(capsys.readouterr().out)
+    recorded = (RESULTS / "generalization.md").read_text()
+    assert recorded.endswith(printed), "rerun: python benchmarks/record.py " \
+        "generalization -- python benchmarks/generalization.py --report"
+
+
+def test_record_keeps_tables_captions_and_what_follows():
+    record = _module("benchmarks/record.py")
+    out = record.report("Epoch 1/2\nprogress\n\ncaption one\n| a | b |\n"
+                        "|---|---|\n| x | 1.0 |\nnoise\n\ncaption two\n\n"
+                        "| c |\n|---|\n| 2.0 |\n\nfigures in docs\n")
+    assert out == ("caption one\n\n| a | b |\n|---|---|\n| x | 1.0 |\n\n"
+                   "caption two\n\n| c |\n|---|\n| 2.0 |\n\n"
+                   "figures in docs\n")
+
+
+# -------------------------------------------------------------- docstrings
+
+def public_names():
+    import keras_sam
+    modules = [keras_sam] + [getattr(keras_sam, m) for m in (
+        "analysis", "callbacks", "schedules", "selection", "variants")]
+    for module in modules:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                yield f"{module.__name__}.{name}", obj
+
+
+@pytest.mark.parametrize("name,obj", list(public_names()),
+                         ids=[n for n, _ in public_names()])
+def test_public_docstrings_have_args_returns_raises_and_an_example(name, obj):
+    doc = inspect.getdoc(obj) or ""
+    function = obj.__init__ if inspect.isclass(obj) else obj
+    if function is object.__init__:
+        function = None
+    params = [p for p in inspect.signature(function).parameters
+              if p not in ("self", "args", "kwargs")] if function else []
+    if params:
+        assert "Args:" in doc, f"{name}: no Args section"
+        for param in params:
+            assert re.search(rf"^\s+{param}\b", doc, re.M), \
+                f"{name}: argument {param!r} not documented"
+    if inspect.isfunction(obj) and inspect.signature(obj).return_annotation \
+            is not None:
+        assert "Returns:" in doc, f"{name}: no Returns section"
+    source = inspect.getsource(function) if function else ""
+    if re.search(r"^\s+raise \w", source, re.M) or "validate" in source:
+        assert "Raises:" in doc, f"{name}: raises, but no Raises section"
+    assert "Example:" in doc, f"{name}: no Example section"
