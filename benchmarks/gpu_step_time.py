@@ -22,6 +22,11 @@ the style of the most used PyTorch SAM optimizer (autograd, add e in place,
 second gradient, subtract e, `torch.optim.SGD`). Their base is the same
 code with one gradient. Times are medians of alternating rounds, in ms per
 step; the ratios are medians of per-round ratios.
+
+On PyTorch a second table has base, floor and SAM compiled with
+`jit_compile=True` (base: Keras's own compiled step; floor and SAM through
+keras_sam's compiled step, other_backends.py), their ratios and compile
+times (the first 5 steps' time minus 5 timed steps).
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ ROWS = {
     "step_time.py's CNN+BN": (step_time.cnn, "float32"),
 }
 VARIANTS = ("base", "floor", "SAM", "MSAM", "peer base", "peer SAM")
+COMPILED = other_backends.COMPILED
 
 
 def _loss():
@@ -119,6 +125,8 @@ def build_fit(make, variant):
     """(callable running n steps through `fit`, its sync)."""
     keras.utils.set_random_seed(0)
     model, x, y = make()
+    jit = variant.endswith(" compiled")
+    variant = variant.removesuffix(" compiled")
     if variant == "base":
         wrapped = model
     elif variant == "floor":
@@ -127,7 +135,9 @@ def build_fit(make, variant):
         wrapped = keras_sam.SAMModel(
             model, rho=2.0 if variant == "MSAM" else RHO,
             direction="momentum" if variant == "MSAM" else "gradient")
-    wrapped.compile(optimizer=_optimizer(), loss=_loss())
+    wrapped.compile(optimizer=_optimizer(), loss=_loss(),
+                    **({"jit_compile": jit}
+                       if keras.backend.backend() == "torch" else {}))
     return lambda n: other_backends.run_steps((wrapped, x, y), n)
 
 
@@ -228,11 +238,16 @@ def build(make, variant):
 
 
 def time_row(make, policy, rounds, seconds, variants=VARIANTS):
+    """{variant: per-round seconds per step}, and {variant: seconds of its
+    first 5 steps} (compile and warm-up)."""
     keras.mixed_precision.set_global_policy(policy)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch._dynamo.reset()   # each row compiles its own steps
     try:
         runs = {v: build(make, v) for v in variants}
-        for run in runs.values():
-            run(5)   # compile and warm up
+        first = {v: 5 * run(5) for v, run in runs.items()}   # compile, warm
         steps = max(5, int(seconds / runs["floor"](5)))
         t = {v: [] for v in variants}
         for r in range(rounds):
@@ -240,7 +255,7 @@ def time_row(make, policy, rounds, seconds, variants=VARIANTS):
                 t[v].append(runs[v](steps))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return {v: np.array(t[v]) for v in variants}
+    return {v: np.array(t[v]) for v in variants}, first
 
 
 def host_work(make, steps=5) -> dict:
@@ -298,16 +313,34 @@ def main(argv=None):
           "| SAM/floor | SAM/base | peer SAM/base | MSAM/base |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     med = lambda a: float(np.median(a))  # noqa: E731
+    variants = VARIANTS + (COMPILED if args.backend == "torch" else ())
     rows = {}
     for name in args.rows:
         make, policy = ROWS[name]
-        t = time_row(make, policy, args.rounds, args.seconds)
-        rows[name] = t
+        t, first = time_row(make, policy, args.rounds, args.seconds,
+                            variants)
+        rows[name] = (t, first)
         ms = " | ".join(f"{1e3 * med(t[v]):.2f}" for v in VARIANTS)
         print(f"| {name} | {ms} | {med(t['SAM'] / t['floor']):.3f} | "
               f"{med(t['SAM'] / t['base']):.3f} | "
               f"{med(t['peer SAM'] / t['peer base']):.3f} | "
               f"{med(t['MSAM'] / t['base']):.3f} |", flush=True)
+    if args.backend == "torch":
+        print("\nCompiled (`jit_compile=True`; base: Keras's own compiled "
+              "step, floor and SAM: keras_sam's)\n")
+        print("| model | base compiled | floor compiled | SAM compiled "
+              "| SAM/floor compiled | SAM/base compiled "
+              "| SAM compiled/SAM eager | compile s (base, floor, SAM) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, (t, first) in rows.items():
+            ms = " | ".join(f"{1e3 * med(t[v]):.2f}" for v in COMPILED)
+            compile_s = ", ".join(f"{first[v] - 5 * med(t[v]):.1f}"
+                                  for v in COMPILED)
+            print(f"| {name} | {ms} | "
+                  f"{med(t['SAM compiled'] / t['floor compiled']):.3f} | "
+                  f"{med(t['SAM compiled'] / t['base compiled']):.3f} | "
+                  f"{med(t['SAM compiled'] / t['SAM']):.3f} | "
+                  f"{compile_s} |", flush=True)
     return rows
 
 

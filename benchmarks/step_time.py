@@ -5,6 +5,8 @@
     python benchmarks/step_time.py --variants # every SAM variant's step
     python benchmarks/step_time.py --backend jax      # or torch: see
                                                       # other_backends.py
+    python benchmarks/step_time.py --backend torch --optimizer adam
+                                    # PyTorch adds jit_compile=True columns
     python benchmarks/step_time.py --models "KerasHub BERT" \
         "KerasHub BERT LoRA"                          # needs keras-hub
 
@@ -342,6 +344,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL",
                                                             "VARIANT"))
+    parser.add_argument("--compiled-child", nargs=2, metavar=("MODEL",
+                                                              "VARIANT"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=9,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", default="sgd_momentum",
+                        choices=("sgd_momentum", "adam"),
+                        help="JAX/PyTorch: the optimizer of every variant")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--memory-only", action="store_true",
                         help="skip the timing rounds")

@@ -166,3 +166,42 @@ def to_numpy(x):
     if hasattr(x, "numpy") and not isinstance(x, np.ndarray):   # TensorFlow
         return np.asarray(x.numpy())
     return np.asarray(x)
+
+
+def untrack_batchnorm_axes(model) -> None:
+    """Keep each built BatchNormalization's reduction axes as a tuple.
+
+    Keras (checked up to 3.15) stores them as a list attribute, which layer
+    tracking turns into a `TrackedList`; on PyTorch, `torch.compile` cannot
+    pass that to `torch.mean`, and every BatchNormalization call breaks the
+    compiled graph (a break inside a pass also breaks its traced
+    `torch.autograd.grad`). The axes never change after `build`; a tuple
+    holds the same values and is read the same way by every backend.
+    """
+    import keras
+
+    for layer in model._flatten_layers():
+        axes = getattr(layer, "_reduction_axes", None)
+        if isinstance(layer, keras.layers.BatchNormalization) and \
+                isinstance(axes, list):
+            object.__setattr__(layer, "_reduction_axes", tuple(axes))
+
+
+def decide_flash_attention(model) -> None:
+    """Give each MultiHeadAttention left at `flash_attention=None` the
+    value False.
+
+    With None, Keras (checked up to 3.15) asks PyTorch at every call
+    whether flash attention applies, by building a `torch.backends.cuda.
+    SDPAParams`, which `torch.compile` cannot trace: a graph break per
+    attention call, as in Keras's own compiled step. With False, Keras
+    calls `scaled_dot_product_attention` without forcing a kernel, and
+    PyTorch picks flash attention itself wherever it applies; True (the
+    user's or `keras.config.enable_flash_attention()`) is left alone.
+    """
+    import keras
+
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.MultiHeadAttention) and \
+                getattr(layer, "_flash_attention", False) is None:
+            object.__setattr__(layer, "_flash_attention", False)

@@ -236,6 +236,16 @@ class SAMModel(keras.Model):
         logs = self._sam_train_step(self, *args)
         return _keras_compat.logs_for_multi_worker(self, logs)
 
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        function = super().make_train_function(force=force)
+        # PyTorch, jit_compile=True: a step compiled into one graph.
+        compiled = sam_backend.compiled_train_function(self)
+        if compiled is not None:
+            self.train_function = function = compiled
+        return function
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # keras-team/keras issue 20585: see _keras_compat.
         _keras_compat.symbolic_build_from_local_batch(self, iterator,

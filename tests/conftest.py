@@ -51,7 +51,7 @@ PORTABLE = {
     "test_training_loop.py", "test_edge_cases.py", "test_logs_and_config.py",
     "test_hessian_landscape.py", "test_analysis.py", "test_new_user.py",
     "test_saving.py", "test_backends.py", "test_momentum_sam.py",
-    "test_safeguards.py", "test_kerashub.py",
+    "test_safeguards.py", "test_kerashub.py", "test_torch_compile.py",
 }
 
 

@@ -5,7 +5,7 @@
                   fused norm), analysis.py
     jax/, torch/  step.py (how the backend differentiates, branches and
                   writes back), analysis.py; jax/processes.py (failures
-                  across processes)
+                  across processes); torch/compiled.py (jit_compile=True)
     stateless.py  the step as a function of the model's state, shared by JAX
                   and PyTorch
 """
@@ -30,6 +30,17 @@ def get_train_step():
             "KERAS_BACKEND to one of them before importing keras.")
     return importlib.import_module(
         f"keras_sam.backend.{backend}.step").train_step
+
+
+def compiled_train_function(sam):
+    """PyTorch under `jit_compile=True`: the SAM step's compiled train
+    function (keras_sam.backend.torch.compiled); None where Keras's own
+    `make_train_function` already compiles the SAM step as it should."""
+    if keras.backend.backend() != "torch" or not sam._should_torch_compile():
+        return None
+    from keras_sam.backend.torch import compiled
+
+    return compiled.train_function(sam)
 
 
 def explain_failure(error: BaseException):

@@ -33,28 +33,45 @@ import torch
 
 from keras_sam import _keras_compat, step
 from keras_sam.backend import stateless
+from keras_sam.backend.torch import compiled
 from keras_sam.perturbation import global_norm
 
 
 class _Autodiff(stateless.Autodiff):
-    """Autograd, with torch's global random state rewound before each
-    evaluation: Keras's unseeded dropout draws from it, and pass 2 must see
-    pass 1's masks. The state then moves once per step, as pass 1 left it
-    (`finish`)."""
+    """Autograd, with pass 2 seeing pass 1's dropout masks. Keras's
+    unseeded dropout draws from torch's global generator: eagerly, it is
+    rewound before every evaluation but the first, and then moves once per
+    step, as pass 1 left it (`finish`). Compiled, dropout draws its masks
+    once per step instead (`compiled.SameMasks`), or, for a model that
+    draws from the generator otherwise, the generator is rewound and stays
+    as pass 2 left it (reading it again would break the graph)."""
 
-    def __init__(self):
+    def __init__(self, in_graph: bool = False, rewind: bool = True):
+        # Eagerly, ||g|| and w + s g as fused foreach kernels; compiled, as
+        # plain ops, which inductor fuses itself.
         super().__init__(value_and_grad=self._value_and_grad, cond=_cond,
-                         norm=_fused_norm, add=_fused_add_scaled,
+                         norm=global_norm if in_graph else _fused_norm,
+                         add=step.add_scaled if in_graph else
+                         _fused_add_scaled,
                          decide=bool, live=True)
-        self._start, self._after = _rng_state(), None
+        self._start = compiled.rng_state() if rewind else None
+        self._masks = None if rewind else compiled.SameMasks()
+        self._restore, self._after, self._evaluations = not in_graph, None, 0
         self.used = None   # per variable: does the loss use it (pass 1)
 
     def _value_and_grad(self, fn, weights, *args):
-        _set_rng_state(self._start)
+        rewind = self._start is not None
+        if rewind and self._evaluations:
+            compiled.set_rng_state(self._start)   # pass 1's masks again
         leaves = [w.detach().requires_grad_(True) for w in weights]
-        value, aux = fn(leaves, *args)
-        if self._after is None:
-            self._after = _rng_state()
+        if self._masks is None:
+            value, aux = fn(leaves, *args)
+        else:
+            with self._masks.evaluation():
+                value, aux = fn(leaves, *args)
+        if rewind and self._restore and not self._evaluations:
+            self._after = compiled.rng_state()
+        self._evaluations += 1
         grads = torch.autograd.grad(value, leaves, allow_unused=True)
         if self.used is None:
             self.used = [g is not None for g in grads]
@@ -66,20 +83,7 @@ class _Autodiff(stateless.Autodiff):
 
     def finish(self):
         if self._after is not None:
-            _set_rng_state(self._after)
-
-
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() \
-        else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+            compiled.set_rng_state(self._after)
 
 
 def _cond(pred, true_fn, false_fn):
@@ -125,7 +129,8 @@ def train_step(sam, data):
     step.check_trainable(sam, variables.trainable)
     trainable, non_trainable, optimizer_values, metric_values = (
         [v.value for v in vs] for vs in variables)
-    autodiff = _Autodiff()
+    in_graph = compiled.compiling()
+    autodiff = _Autodiff(in_graph, rewind=compiled.rewinds_rng(sam))
     result = stateless.sam_step(sam, variables, trainable, non_trainable,
                                 optimizer_values, metric_values, data,
                                 autodiff)
@@ -138,8 +143,9 @@ def train_step(sam, data):
              zip(direction, variables.trainable, autodiff.used) if used]
     written = [v for _, v in pairs]
     # A non-finite g keeps every value as it was: read on the host where
-    # that is free (CPU), otherwise selected on the device.
-    branch = not is_lso and host_reads_are_free(result.finite)
+    # that is free (CPU, eagerly), otherwise selected on the device.
+    branch = not is_lso and not in_graph and \
+        host_reads_are_free(result.finite)
     select = not is_lso and not branch
     apply = not branch or bool(result.finite)
     with torch.no_grad():
