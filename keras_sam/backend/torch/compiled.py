@@ -60,9 +60,10 @@ def compiling() -> bool:
 
 
 def rewinds_rng(sam) -> bool:
-    """Whether the step rewinds torch's global generator before pass 2:
-    always eagerly; compiled, only for a model that draws from it."""
-    return not compiling() or getattr(sam, REWIND_ATTRIBUTE, True)
+    """Whether the compiled step of `sam` rewinds torch's global generator
+    before pass 2 (`draws_global_rng` said so when it was built; without
+    that probe, as eagerly)."""
+    return getattr(sam, REWIND_ATTRIBUTE, True)
 
 
 def rng_state():

@@ -130,7 +130,8 @@ def train_step(sam, data):
     trainable, non_trainable, optimizer_values, metric_values = (
         [v.value for v in vs] for vs in variables)
     in_graph = compiled.compiling()
-    autodiff = _Autodiff(in_graph, rewind=compiled.rewinds_rng(sam))
+    autodiff = _Autodiff(in_graph, rewind=not in_graph or
+                         compiled.rewinds_rng(sam))
     result = stateless.sam_step(sam, variables, trainable, non_trainable,
                                 optimizer_values, metric_values, data,
                                 autodiff)
