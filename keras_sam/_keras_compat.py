@@ -205,3 +205,25 @@ def decide_flash_attention(model) -> None:
         if isinstance(layer, keras.layers.MultiHeadAttention) and \
                 getattr(layer, "_flash_attention", False) is None:
             object.__setattr__(layer, "_flash_attention", False)
+
+
+def compile_config(model) -> dict:
+    """The arguments of `model`'s last `compile`, as Keras keeps them for
+    saving (the optimizer before any LossScaleOptimizer wrapped it)."""
+    config = getattr(model, "_compile_config", None)
+    return dict(config.config) if config is not None else {}
+
+
+def set_compile_config(model, arguments: dict) -> None:
+    """What `model.get_compile_config()` returns, and so what a reloaded
+    `.keras` file compiles with: Keras keeps it as a `SerializableDict`."""
+    from keras.src.saving.serialization_lib import SerializableDict
+
+    model._compile_config = SerializableDict(**arguments)
+
+
+def forget_compile_config(model) -> None:
+    """`model.get_compile_config()` returns None again (Keras returns the
+    stored arguments of a compiled model that has them), so that its own
+    `.keras` file loads uncompiled."""
+    model.__dict__.pop("_compile_config", None)

@@ -8,7 +8,8 @@ from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat, _warnings, hub, momentum, watch
+from keras_sam import _keras_compat, _warnings, hub, momentum, objective
+from keras_sam import watch
 from keras_sam import backend as sam_backend
 from keras_sam import saving
 from keras_sam.options import Rho, SAMOptions
@@ -37,10 +38,15 @@ class SAMModel(keras.Model):
         g_sam = grad L(w + e)              pass 2, at w + e
         w     = optimizer(w, g_sam)        the compiled optimizer, at w
 
-    `call`, `evaluate` and `predict` are those of the wrapped model. The
-    training logs report the loss and metrics of pass 1 (exactly what the
-    wrapped model would report at the same weights) and `sharpness`,
-    L(w + e) - L(w), the first-order sharpness of the batch.
+    L is the wrapped model's own loss: its `compute_loss` (an override, or
+    the loss given to `compile` plus `model.losses`), called as Keras's
+    `train_step` calls it (`keras_sam.objective`). `call`, `evaluate` and
+    `predict` are those of the wrapped model. The training logs are what
+    `model.fit` would log at the same weights (the model's
+    `compute_metrics`, from pass 1) plus `sharpness`, L(w + e) - L(w), the
+    first-order sharpness of the batch. The SAM model takes the wrapped
+    model's dtype policy: its optimizer scales the loss exactly when the
+    model's own `compile` would.
 
     A KerasHub task (`keras_hub.models.Task`) keeps its preprocessing:
     `fit`, `evaluate` and `predict` take raw inputs (strings, images) as
@@ -117,7 +123,9 @@ class SAMModel(keras.Model):
 
     Raises:
         TypeError: `model` is not a `keras.Model` or is already a
-            `SAMModel`; `rho` or `perturb` of the wrong type; a rho
+            `SAMModel`; `model` defines its own `train_step` (SAM's step
+            would replace it: move its loss into `compute_loss`); `rho` or
+            `perturb` of the wrong type; a rho
             schedule that cannot run on a traced iteration (at the first
             step, before any weight changes).
         ValueError: any argument out of range (a negative, NaN or
@@ -157,6 +165,7 @@ class SAMModel(keras.Model):
                 "`model` is already a SAMModel: wrapping it again would take "
                 "four gradients per step and perturb twice. Wrap the plain "
                 "model once: `SAMModel(sam_model.model, rho=...)`.")
+        objective.check_train_step(model)
         options = SAMOptions(
             rho=rho, p=p, adaptive=adaptive, eta=eta, gsam_alpha=gsam_alpha,
             sam_every=sam_every, looksam_alpha=looksam_alpha,
@@ -165,6 +174,10 @@ class SAMModel(keras.Model):
         self._sam_train_step = sam_backend.get_train_step()
         watch.warn_about_bypassed_training(
             model, compiled=hub.compiled_by_user(model))
+        # The wrapped model's precision; the model casts its inputs and
+        # variables itself, as under its own fit.
+        kwargs.setdefault("dtype", model.dtype_policy)
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.model = model
         self.options = options
@@ -379,12 +392,26 @@ class SAMModel(keras.Model):
     def predict_on_batch(self, *args, **kwargs):
         return self._entry().predict_on_batch(*args, **kwargs)
 
-    def compile(self, optimizer="auto", *args, **kwargs):
-        """Keras's `compile`. Left "auto", `optimizer`, `loss`, `metrics`
-        and `weighted_metrics` take a KerasHub task's defaults (what
-        `task.compile()` sets), or else Keras's (rmsprop, no loss)."""
-        arguments = _arguments(super().compile, (optimizer, *args), kwargs)
-        super().compile(**hub.compile_arguments(self.model, arguments))
+    def compile(self, *args, **kwargs):
+        """Keras's `compile`, for the wrapped model's objective and SAM's
+        step. The loss and metrics go to the wrapped model (`model.compile`
+        with these arguments, without keeping an optimizer), whose
+        `compute_loss` and `compute_metrics` then define what SAM trains and
+        logs; the optimizer is the one that compile chose (a
+        LossScaleOptimizer for a mixed_float16 model). A KerasHub task
+        takes its own defaults for arguments left "auto" (what
+        `task.compile()` sets) and its own arguments (`sampler`); another
+        model takes Keras's (rmsprop, no loss)."""
+        arguments = objective.compile_arguments(args, kwargs)
+        optimizer, given, step_arguments = objective.compile_model(
+            self.model, arguments)
+        super().compile(optimizer=optimizer, auto_scale_loss=False,
+                        **step_arguments)
+        # Reloading compiles again with the arguments as the model's compile
+        # resolved them (its optimizer's settings; the state is in the
+        # weights).
+        _keras_compat.set_compile_config(self, objective.compile_config(
+            self.model, arguments, given, step_arguments))
         if self.options.momentum:   # an optimizer without a first moment
             momentum.check_optimizer(self.optimizer)
             advice = momentum.default_rho_advice(self.optimizer)
@@ -397,6 +424,29 @@ class SAMModel(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    # What SAM trains and logs is the wrapped model's (keras_sam.objective).
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        return objective.compute_loss(self, x, y, y_pred, sample_weight,
+                                      training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return objective.compute_metrics(self, x, y, y_pred, sample_weight)
+
+    @property
+    def metrics(self):
+        return objective.metrics(self)
+
+    # Keras's compile state is the wrapped model's: Keras's steps and
+    # builds of this model read it from there (its own writes are ignored).
+    loss = objective.Wrapped()
+    _compile_loss = objective.Wrapped()
+    _compile_metrics = objective.Wrapped()
+    _loss_tracker = objective.Wrapped()
+
+    def reset_metrics(self):
+        objective.reset_metrics(self)
 
     def _assert_compile_called(self, method_name=None):
         if not self.compiled:

@@ -1,7 +1,7 @@
 """What `SAMModel` checks about how it is used, at no cost to the step.
 
-At construction: two ways to train without SAM that wrapping cannot prevent
-(a wrapped model with its own `train_step`, a compiled wrapped model).
+At construction: a way to train without SAM that wrapping cannot prevent
+(a compiled wrapped model).
 
 After each epoch of `SAMModel.fit`, on the host: two ways a run can go wrong
 without an error.
@@ -134,23 +134,16 @@ def iterations(sam) -> int:
 
 
 def warn_about_bypassed_training(model, compiled: bool) -> None:
-    """Two ways to train without SAM that wrapping cannot prevent: a
-    `train_step` of the model's own, and compile settings someone chose for
-    the wrapped model (`compiled`; a KerasHub task's own defaults are
-    not)."""
-    if type(model).train_step is not keras.Model.train_step:
-        _warnings.warn(
-            f"'{model.name}' ({type(model).__name__}) defines its own "
-            "`train_step`, which SAMModel never calls: SAMModel runs its own "
-            "step (two gradients of the compiled loss plus `model.losses`). "
-            "Move what that train_step adds into the model's `call` (e.g. "
-            "`self.add_loss(...)`) or its loss, or wrap a model without it.")
+    """A way to train without SAM that wrapping cannot prevent: compile
+    settings someone chose for the wrapped model (`compiled`; a KerasHub
+    task's own defaults are not)."""
     if compiled:
         _warnings.warn(
-            f"'{model.name}' is compiled: `{model.name}.fit(...)` still "
-            "trains it without SAM. Train through the wrapper "
-            "(`sam_model.compile(...)`, `sam_model.fit(...)`); the wrapped "
-            "model's own compile settings are not used.")
+            f"'{model.name}' is compiled: `{model.name}.fit(...)` would train "
+            "it without SAM. Train through the wrapper: `sam_model.compile("
+            "...)` compiles the wrapped model again with the loss and metrics "
+            "it is given (they replace the model's own), and "
+            "`sam_model.fit(...)` trains it with SAM.")
 
 
 def with_watch(sam, callbacks):

@@ -109,3 +109,28 @@ def pairs(n=8, seed=0):
     source = sentences(n, seed)
     return {"encoder_text": source,
             "decoder_text": np.array([s[::-1] for s in source])}
+
+
+def basnet(seed=0):
+    """BASNetImageSegmenter (its own `compute_loss`: the refined output and
+    7 deep-supervision outputs, the backbone run again) on 32 x 32 images,
+    with a small ResNet encoder."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    encoder = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 8, 8, 8],
+        stackwise_num_blocks=[1, 1, 1, 1],
+        stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False)
+    backbone = keras_hub.models.BASNetBackbone(
+        image_encoder=encoder, num_classes=1, image_shape=(32, 32, 3))
+    return keras_hub.models.BASNetImageSegmenter(backbone)
+
+
+def masks(n=8, seed=0):
+    """(images in [0, 1], binary masks) of 32 x 32."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(size=(n, 32, 32, 3)).astype("float32"),
+            (rng.uniform(size=(n, 32, 32, 1)) > 0.5).astype("float32"))

@@ -149,6 +149,31 @@ class WeightedTanhMLP(TanhMLP):
                 h.T @ d_out, d_out.sum(axis=0)]
 
 
+class OwnLossTanhMLP(TanhMLP):
+    """TanhMLP whose model defines its own loss (a `compute_loss`
+    override): the compiled mean squared error plus c mean(out^2),
+    loss = mean((out - y)^2) + c mean(out^2) + l2 |W1|^2."""
+
+    def __init__(self, c: float, l2: float = 0.0):
+        super().__init__(l2)
+        self.c = c
+
+    def loss(self, params, x, y) -> float:
+        w1, b1, w2, b2 = params
+        out = np.tanh(x @ w1 + b1) @ w2 + b2
+        return float(np.mean((out - y) ** 2) + self.c * np.mean(out**2)
+                     + self.l2 * np.sum(w1**2))
+
+    def grad(self, params, x, y):
+        w1, b1, w2, b2 = params
+        h = np.tanh(x @ w1 + b1)
+        out = h @ w2 + b2
+        d_out = (2.0 * (out - y) + 2.0 * self.c * out) / out.size
+        d_z = (d_out @ w2.T) * (1.0 - h**2)
+        return [x.T @ d_z + 2.0 * self.l2 * w1, d_z.sum(axis=0),
+                h.T @ d_out, d_out.sum(axis=0)]
+
+
 class EmbeddingBag:
     """out = mean_t E[tokens[:, t]] @ W + b; loss = mean((out - y)^2).
 

@@ -336,3 +336,38 @@ def test_importing_keras_sam_does_not_import_keras_hub():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, env=dict(os.environ), timeout=300)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.backends("tensorflow", "torch")
+def test_a_task_with_its_own_compute_loss_trains_its_own_objective():
+    """BASNet sums the loss of 8 outputs in its `compute_loss`, running
+    the backbone again: at rho = 0 the SAM model trains exactly as
+    `task.fit`; at rho > 0 its logged loss is that objective at w."""
+    x, y = hub_models.masks(8)
+    task, twin = hub_models.basnet(), hub_models.basnet()
+    twin.compile(optimizer=keras.optimizers.SGD(0.01))
+    sam = keras_sam.SAMModel(task, rho=0.0)
+    sam.compile(optimizer=keras.optimizers.SGD(0.01))
+    got = sam.fit(x, y, batch_size=4, epochs=1, shuffle=False,
+                  verbose=0).history
+    expected = twin.fit(x, y, batch_size=4, epochs=1, shuffle=False,
+                        verbose=0).history
+    assert got["loss"] == expected["loss"] and expected["loss"][0] > 4.0
+    for a, b in zip(task.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    sam = keras_sam.SAMModel(hub_models.basnet(), rho=0.05)
+    sam.compile(optimizer=keras.optimizers.SGD(0.01))
+    before = [np.array(w) for w in sam.model.get_weights()]
+    logs = sam.train_on_batch(x[:4], y[:4], return_dict=True)
+    assert np.isfinite(logs["loss"]) and logs["loss"] > 4.0
+    assert logs["sharpness"] > 0.0
+    assert max(np.max(np.abs(a - b)) for a, b in
+               zip(before, sam.model.get_weights())) > 0.0
+
+
+def test_compile_passes_a_tasks_own_arguments():
+    """A causal LM's `compile(sampler=...)` is KerasHub's, and SAM's."""
+    sam = keras_sam.SAMModel(hub_models.causal_lm(), rho=0.05)
+    sam.compile(sampler="greedy")
+    assert type(sam.model.sampler).__name__ == "GreedySampler"
+    assert sam.get_compile_config()["sampler"] == "greedy"

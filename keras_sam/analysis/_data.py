@@ -6,17 +6,18 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sam import _keras_compat
+from keras_sam import _keras_compat, objective
 
 
 def check_model(model) -> None:
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a compiled keras.Model; received "
                         f"{type(model).__name__}.")
-    if not model.compiled or model.loss is None:
+    if not objective.has_loss(model):
         raise ValueError(
-            "`model` must be compiled with a loss: the analysis measures the "
-            "compiled loss. Call `model.compile(loss=...)` first.")
+            "`model` must be compiled with a loss (or define its own "
+            "`compute_loss`): the analysis measures the model's loss. Call "
+            "`model.compile(loss=...)` first.")
     if not model.trainable_variables:
         raise ValueError(f"'{model.name}' has no trainable variables.")
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import keras
 from keras import ops
 
-from keras_sam import momentum, step, variants
+from keras_sam import momentum, objective, step, variants
 from keras_sam.perturbation import global_norm
 
 
@@ -109,13 +109,8 @@ def loss_function(sam, variables: Variables, non_trainable, optimizer_values,
 
     def fn(trainable, x, y, sample_weight):
         mapping = list(zip(trainable_vars, trainable)) + fixed
-        with keras.StatelessScope(state_mapping=mapping,
-                                  collect_losses=True) as scope:
-            y_pred = sam(x, training=True)
-            loss = sam._compute_loss(x=x, y=y, y_pred=y_pred,
-                                     sample_weight=sample_weight,
-                                     training=True)
-            scaled = sam.optimizer.scale_loss(loss)
+        y_pred, loss, scaled, scope = objective.stateless_loss(
+            sam, mapping, state_vars + metric_vars, x, y, sample_weight)
         state = [_current(scope, v, s) for v, s in zip(state_vars,
                                                        non_trainable)]
         metrics = [_current(scope, v, m) for v, m in zip(metric_vars,

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_sam import momentum, step, variants
+from keras_sam import momentum, objective, step, variants
 from keras_sam.step import merge_states, static_chunk_bounds
 from keras_sam.backend.tensorflow import gradients
 
@@ -55,10 +55,9 @@ def stateless_pass(sam, weights, state_variables, state_values, x, y,
     mapping += list(zip(state_variables, state_values))
     with tf.GradientTape() as tape:
         tape.watch(watched)
-        with keras.StatelessScope(state_mapping=mapping,
-                                  collect_losses=True) as scope:
-            y_pred, loss = forward(sam, x, y, sample_weight)
-            scaled = sam.optimizer.scale_loss(loss)
+        y_pred, loss, scaled, scope = objective.stateless_loss(
+            sam, mapping, list(state_variables) + list(sam.metrics_variables),
+            x, y, sample_weight)
         state = [_current(scope, v, old)
                  for v, old in zip(state_variables, state_values)]
     return y_pred, loss, tape.gradient(scaled, watched), state

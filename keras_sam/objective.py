@@ -1,0 +1,244 @@
+"""What SAM minimizes and reports: the wrapped model's own objective.
+
+`SAMModel(model).fit` trains what `model.fit` trains. `sam_model.compile`
+compiles the wrapped model with the loss and metrics it is given (a KerasHub
+task resolves its "auto" defaults itself), keeps the optimizer that this
+`compile` chose, and from then on asks the wrapped model what Keras's own
+`train_step` would ask it:
+
+    loss    = model.compute_loss(x, y, y_pred, sample_weight, training=True)
+              its override if it has one (a distillation or contrastive
+              loss, BASNet's deep supervision), else the compiled loss plus
+              `model.losses`; called after the forward pass, outside it
+    logs    = model.compute_metrics(x, y, y_pred, sample_weight)
+              + {"sharpness": L(w + e) - L(w)}
+    metrics = model.metrics + [sharpness], reset by `model.reset_metrics`
+
+Both SAM passes evaluate that loss (pass 2 at w + e); what `compute_loss`
+writes (a loss tracker's state) is kept from pass 1 only.
+
+Precision: the optimizer is the one the wrapped model's `compile` picked,
+so it is a `LossScaleOptimizer` exactly when the model's own policy is
+mixed_float16, whatever the global policy was when it was wrapped.
+
+The wrapped model keeps its compiled loss and metrics (`sam_model.model.
+evaluate` works) but no optimizer: the SAM model applies the updates, and
+the optimizer's state is saved once, with the SAM model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import keras
+
+from keras_sam import _keras_compat, hub
+
+# `keras.Model.compile`'s arguments, in its positional order.
+_KERAS_COMPILE = tuple(inspect.signature(keras.Model.compile).parameters)[1:]
+# The ones that configure the SAM model's step rather than the objective.
+_STEP_ARGUMENTS = ("run_eagerly", "steps_per_execution", "jit_compile")
+
+
+def compile_arguments(args: tuple, kwargs: dict) -> dict:
+    """`compile`'s arguments as keywords: positional ones named as
+    `keras.Model.compile` names them, other keywords (a KerasHub task's
+    `sampler`) kept."""
+    if len(args) > len(_KERAS_COMPILE):
+        raise TypeError(
+            f"compile() takes at most {len(_KERAS_COMPILE)} positional "
+            f"arguments ({', '.join(_KERAS_COMPILE)}); received {len(args)}.")
+    named = dict(zip(_KERAS_COMPILE, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise TypeError(f"compile() got multiple values for {twice[0]!r}.")
+    return {**named, **kwargs}
+
+
+def compile_model(model: keras.Model, arguments: dict) -> tuple:
+    """Compile the wrapped `model` with `arguments` as its own `compile`
+    would take them, and take its optimizer over.
+
+    Returns (the optimizer to apply the updates with, as the model's compile
+    chose it: a LossScaleOptimizer where it would use one; the optimizer as
+    given, for the SAM model's compile config; the step's own arguments).
+    """
+    arguments = dict(arguments)
+    step = {k: arguments.pop(k) for k in _STEP_ARGUMENTS if k in arguments}
+    if not hub.is_task(model):
+        # "auto" is a KerasHub task's word; a plain model gets Keras's
+        # defaults (rmsprop, no loss, no metrics).
+        arguments = hub.compile_arguments(model, arguments)
+    arguments.setdefault("optimizer", "auto" if hub.is_task(model)
+                         else "rmsprop")
+    model.compile(**arguments)
+    optimizer = model.optimizer
+    config = _keras_compat.compile_config(model)
+    given = config.get("optimizer", optimizer)
+    # The SAM model applies the updates and saves the optimizer's state;
+    # the wrapped model keeps its objective only.
+    model.optimizer = None
+    # Saved with the SAM model's compile config; the wrapped model's own
+    # file (`sam_model.model.save`, to deploy) loads uncompiled, as before.
+    _keras_compat.forget_compile_config(model)
+    return optimizer, given, step
+
+
+def compile_config(model, arguments: dict, optimizer, step: dict) -> dict:
+    """What the SAM model's `.keras` file compiles with on reload: the
+    wrapped model's compile arguments as its `compile` resolved them (a
+    task's "auto" loss and metrics), the optimizer as given, and the
+    arguments Keras does not keep (a task's `sampler`, `auto_scale_loss`)."""
+    resolved = {k: v for k, v in _keras_compat.compile_config(model).items()
+                if k in _KERAS_COMPILE and k not in _STEP_ARGUMENTS}
+    extra = {k: v for k, v in arguments.items()
+             if k not in resolved and k not in _STEP_ARGUMENTS}
+    return {**resolved, **extra, "optimizer": optimizer, **step}
+
+
+class Wrapped:
+    """A compile attribute of Keras's (`_loss_tracker`, `_compile_loss`,
+    ...) that a SAM model reads from the wrapped model: Keras's steps and
+    `_symbolic_build` then update and build the model's own objects.
+    Keras's writes of it on the SAM model (in `__init__`, `compile`) are
+    ignored."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, sam, owner=None):
+        return self if sam is None else wrapped_attribute(sam, self.name)
+
+    def __set__(self, sam, value):
+        pass
+
+
+def wrapped_attribute(sam, name: str):
+    """The wrapped model's `name` (None before it exists)."""
+    try:
+        model = sam.model
+    except AttributeError:   # while Keras's __init__ runs: not set yet
+        return None
+    return getattr(model, name, None)
+
+
+def compute_loss(sam, x=None, y=None, y_pred=None, sample_weight=None,
+                 training=True):
+    """The wrapped model's loss at its current (or scoped) weights, called
+    as Keras's `train_step` calls it."""
+    model = sam.model
+    with _losses_seen_by(model, sam):
+        return model._compute_loss(x=x, y=y, y_pred=y_pred,
+                                   sample_weight=sample_weight,
+                                   training=training)
+
+
+def stateless_loss(sam, mapping: list, written: list, x, y, sample_weight):
+    """(y_pred, loss, scaled loss, scope) of `sam` on a batch with its
+    variables read
+    from `mapping` [(variable, value)], nothing written; `scope` holds what
+    the forward pass and `compute_loss` wrote (`scope.get_current_value`).
+
+    The loss is computed after the forward pass, as in Keras's own step: a
+    `compute_loss` that runs layers again (BASNet) reads the state the
+    forward pass left (BatchNorm statistics), among the `written` variables.
+    Keras's TensorFlow and PyTorch steps write that state to variables
+    first, so the loss sees it as values, not as functions of the weights;
+    Keras's JAX step differentiates through it. The same here.
+    """
+    with keras.StatelessScope(state_mapping=mapping,
+                              collect_losses=True) as forward:
+        y_pred = sam(x, training=True)
+    moved = [(v, forward.get_current_value(v)) for v in written]
+    moved = [(v, _as_value(value)) for v, value in moved if value is not None]
+    with keras.StatelessScope(state_mapping=mapping + moved,
+                              collect_losses=True) as scope:
+        for loss in forward.losses:   # the forward pass's `add_loss`
+            scope.add_loss(loss)
+        loss = sam._compute_loss(x=x, y=y, y_pred=y_pred,
+                                 sample_weight=sample_weight, training=True)
+        scaled = sam.optimizer.scale_loss(loss)
+    return y_pred, loss, scaled, scope
+
+
+def _as_value(tensor):
+    if keras.backend.backend() == "jax":
+        return tensor
+    return keras.ops.stop_gradient(tensor)
+
+
+@contextlib.contextmanager
+def _losses_seen_by(model, sam):
+    """Keras's JAX evaluation hands the forward pass's `add_loss` values to
+    the loss through the top model's `_losses_override`; the wrapped model's
+    `compute_loss` reads its own `losses`, so it gets them too."""
+    override = list(getattr(sam, "_losses_override", None) or [])
+    if not override:
+        yield
+        return
+    object.__setattr__(model, "_losses_override", override)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, "_losses_override", [])
+
+
+def compute_metrics(sam, x, y, y_pred, sample_weight=None) -> dict:
+    """The wrapped model's logs (its `compute_metrics`), then sharpness."""
+    logs = dict(sam.model.compute_metrics(x, y, y_pred, sample_weight))
+    tracker = sam._sharpness_tracker
+    if tracker is not None:
+        logs[tracker.name] = tracker.result()
+    return logs
+
+
+def metrics(sam) -> list:
+    """The wrapped model's metrics (its loss tracker, compiled metrics and
+    any of its own, or its `metrics` override), then sharpness."""
+    model = wrapped_attribute(sam, "metrics")
+    own = [] if getattr(sam, "_sharpness_tracker", None) is None else \
+        [sam._sharpness_tracker]
+    return list(model or []) + own
+
+
+def reset_metrics(sam) -> None:
+    sam.model.reset_metrics()
+    if sam._sharpness_tracker is not None:
+        sam._sharpness_tracker.reset_state()
+
+
+def has_loss(model) -> bool:
+    """Whether `model` (or the model a SAMModel wraps) has a loss to
+    measure: a compiled loss or a `compute_loss` of its own."""
+    from keras_sam.model import SAMModel
+
+    if isinstance(model, SAMModel):
+        model = model.model
+    return model.compiled and (model.loss is not None or
+                               overrides(model, "compute_loss"))
+
+
+def overrides(model, method: str) -> bool:
+    """Whether `model`'s class (or a base between it and keras.Model)
+    defines `method` itself."""
+    return getattr(type(model), method) is not getattr(keras.Model, method)
+
+
+def check_train_step(model) -> None:
+    """A model with its own `train_step` cannot be trained by SAM's step
+    without losing what that step does: refuse it, saying what to do."""
+    if not overrides(model, "train_step"):
+        return
+    raise TypeError(
+        f"'{model.name}' ({type(model).__name__}) defines its own "
+        "`train_step`, which SAMModel cannot run: SAM's step differentiates "
+        "the model's loss twice (at w and at w + e) and applies one update, "
+        "so another step's logic (several optimizers, a GAN's two players, "
+        "gradients handled by hand) would be replaced, not made flatter. If "
+        "that `train_step` computes a loss from (x, y, y_pred) and applies "
+        "it with the compiled optimizer, move the loss into an override of "
+        "`compute_loss(self, x, y, y_pred, sample_weight, training=True)` "
+        "and its logs into `compute_metrics` or `metrics`: SAMModel honours "
+        "both, as `model.fit` does. Otherwise train that model without "
+        "SAMModel.")
