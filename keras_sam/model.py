@@ -403,15 +403,14 @@ class SAMModel(keras.Model):
         `task.compile()` sets) and its own arguments (`sampler`); another
         model takes Keras's (rmsprop, no loss)."""
         arguments = objective.compile_arguments(args, kwargs)
-        optimizer, given, step_arguments = objective.compile_model(
+        optimizer, config, step_arguments = objective.compile_model(
             self.model, arguments)
         super().compile(optimizer=optimizer, auto_scale_loss=False,
                         **step_arguments)
         # Reloading compiles again with the arguments as the model's compile
         # resolved them (its optimizer's settings; the state is in the
         # weights).
-        _keras_compat.set_compile_config(self, objective.compile_config(
-            self.model, arguments, given, step_arguments))
+        _keras_compat.set_compile_config(self, config)
         if self.options.momentum:   # an optimizer without a first moment
             momentum.check_optimizer(self.optimizer)
             advice = momentum.default_rho_advice(self.optimizer)

@@ -61,8 +61,8 @@ def compile_model(model: keras.Model, arguments: dict) -> tuple:
     would take them, and take its optimizer over.
 
     Returns (the optimizer to apply the updates with, as the model's compile
-    chose it: a LossScaleOptimizer where it would use one; the optimizer as
-    given, for the SAM model's compile config; the step's own arguments).
+    chose it: a LossScaleOptimizer where it would use one; the SAM model's
+    compile config; the step's own arguments).
     """
     arguments = dict(arguments)
     step = {k: arguments.pop(k) for k in _STEP_ARGUMENTS if k in arguments}
@@ -82,15 +82,17 @@ def compile_model(model: keras.Model, arguments: dict) -> tuple:
     # Saved with the SAM model's compile config; the wrapped model's own
     # file (`sam_model.model.save`, to deploy) loads uncompiled, as before.
     _keras_compat.forget_compile_config(model)
-    return optimizer, given, step
+    return optimizer, _sam_compile_config(config, arguments, given,
+                                          step), step
 
 
-def compile_config(model, arguments: dict, optimizer, step: dict) -> dict:
+def _sam_compile_config(config: dict, arguments: dict, optimizer,
+                        step: dict) -> dict:
     """What the SAM model's `.keras` file compiles with on reload: the
-    wrapped model's compile arguments as its `compile` resolved them (a
-    task's "auto" loss and metrics), the optimizer as given, and the
-    arguments Keras does not keep (a task's `sampler`, `auto_scale_loss`)."""
-    resolved = {k: v for k, v in _keras_compat.compile_config(model).items()
+    wrapped model's compile `config` as its `compile` resolved it (a task's
+    "auto" loss and metrics), the optimizer as given, and the arguments
+    Keras does not keep (a task's `sampler`, `auto_scale_loss`)."""
+    resolved = {k: v for k, v in config.items()
                 if k in _KERAS_COMPILE and k not in _STEP_ARGUMENTS}
     extra = {k: v for k, v in arguments.items()
              if k not in resolved and k not in _STEP_ARGUMENTS}

@@ -1,0 +1,359 @@
+"""The KerasHub zoo: every task class of `keras_hub.models`, built offline
+from a small config where this file knows how, and checked against the
+task's own `fit`.
+
+`CATALOGUE` maps each task class name to a builder, `() -> (task, x, y)`
+with raw inputs (strings, uint8 or float images), or to the reason it is
+not built. `conformance(name)` trains a task with `task.fit` and a twin
+through `SAMModel(twin, rho=0)` on the same data and reports how far apart
+they end, then one step at rho = 0.05. `tests/test_kerashub_zoo.py` asserts
+it; `benchmarks/kerashub_zoo.py` prints the table.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+
+import hub_models
+
+WORDS = hub_models.WORDS
+_WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+_BPE = {"<|endoftext|>": 0, "a": 1, "b": 2, "c": 3, "Ġ": 4, "Ġa": 5, "Ġb": 6,
+        "Ġc": 7}
+_MERGES = ["Ġ a", "Ġ b", "Ġ c"]
+_SMALL = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16)
+# Gaps are relative to a tensor's largest entry, or to this where that is
+# smaller (a bias whose gradient is 0 stays at about 1e-12 in both runs).
+SCALE = 1e-3
+
+
+def _bpe(specials: dict) -> dict:
+    """The a/b/c byte-pair vocabulary after `specials` (token: id)."""
+    offset = max(specials.values())
+    return {**specials, **{k: v + offset for k, v in _BPE.items() if v}}
+
+
+def _hub():
+    import keras_hub
+
+    return keras_hub.models
+
+
+# ------------------------------------------------------------ builders
+
+def _text_classifier(prefix, tokenizer_args, backbone_args=_SMALL):
+    def build(seed=0):
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
+        vocabulary = tokenizer.vocabulary_size()
+        backbone = getattr(m, f"{prefix}Backbone")(
+            vocabulary_size=vocabulary, max_sequence_length=8, dropout=0.0,
+            **backbone_args)
+        preprocessor = getattr(m, f"{prefix}TextClassifierPreprocessor")(
+            tokenizer, sequence_length=8)
+        task = getattr(m, f"{prefix}TextClassifier")(
+            backbone, num_classes=2, preprocessor=preprocessor, dropout=0.0)
+        return (task, *hub_models.reviews(16, seed=1))
+    return build
+
+
+def _causal_lm(prefix, tokenizer_args, backbone_args):
+    def build(seed=0):
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
+        backbone = getattr(m, f"{prefix}Backbone")(
+            vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
+        preprocessor = getattr(m, f"{prefix}CausalLMPreprocessor")(
+            tokenizer, sequence_length=8)
+        task = getattr(m, f"{prefix}CausalLM")(backbone,
+                                                preprocessor=preprocessor)
+        return task, hub_models.sentences(8, seed=1), None
+    return build
+
+
+def _masked_lm(prefix, tokenizer_args, texts=None):
+    """A masked LM, fed the batches its preprocessor made once: the masks
+    are drawn at random each time the preprocessor runs, so raw strings
+    would train the two runs on different masks."""
+    def build(seed=0):
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
+        backbone = getattr(m, f"{prefix}Backbone")(
+            vocabulary_size=tokenizer.vocabulary_size(),
+            max_sequence_length=8, dropout=0.0, **_SMALL)
+        preprocessor = getattr(m, f"{prefix}MaskedLMPreprocessor")(
+            tokenizer, sequence_length=8, mask_selection_rate=0.5,
+            mask_selection_length=4)
+        task = getattr(m, f"{prefix}MaskedLM")(backbone,
+                                               preprocessor=preprocessor)
+        keras.utils.set_random_seed(seed)
+        raw = (texts or (lambda: hub_models.reviews(16, seed=1)[0]))()
+        x, y, sample_weight = preprocessor(list(raw))
+        task.preprocessor = None
+        x = keras.tree.map_structure(np.asarray, x)
+        return task, x, (np.asarray(y), np.asarray(sample_weight))
+    return build
+
+
+def _image_classifier(prefix, backbone_args, task_args=None):
+    def build(seed=0):
+        import keras_hub
+
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        converter = getattr(keras_hub.layers, f"{prefix}ImageConverter")(
+            image_size=(16, 16), scale=1 / 255.0)
+        backbone = getattr(m, f"{prefix}Backbone")(**backbone_args)
+        task = getattr(m, f"{prefix}ImageClassifier")(
+            backbone, num_classes=2, **(task_args or {}),
+            preprocessor=getattr(m, f"{prefix}ImageClassifierPreprocessor")(
+                converter))
+        return (task, *hub_models.raw_images(8, seed=1))
+    return build
+
+
+def _wordpiece():
+    return dict(vocabulary=_WORDPIECE)
+
+
+def _roberta():
+    return dict(vocabulary=_bpe({"<s>": 0, "<pad>": 1, "</s>": 2,
+                                 "<unk>": 3, "<mask>": 4}), merges=_MERGES)
+
+
+def _gpt2_style():
+    return dict(vocabulary=dict(_BPE), merges=_MERGES)
+
+
+def _opt():
+    return dict(vocabulary=_bpe({"<s>": 0, "<pad>": 1, "</s>": 2}),
+                merges=_MERGES)
+
+
+def _bloom():
+    return dict(vocabulary=_bpe({"<unk>": 0, "<s>": 1, "</s>": 2,
+                                 "<pad>": 3}), merges=_MERGES)
+
+
+def _qwen():
+    return dict(vocabulary=_bpe({"<|endoftext|>": 0, "<|im_end|>": 1}),
+                merges=_MERGES)
+
+
+def _llama3():
+    return dict(vocabulary=_bpe({"<|begin_of_text|>": 0,
+                                 "<|end_of_text|>": 1,
+                                 "<|start_header_id|>": 2,
+                                 "<|end_header_id|>": 3, "<|eot_id|>": 4}),
+                merges=_MERGES)
+
+
+_GQA = dict(num_layers=1, num_query_heads=2, num_key_value_heads=1,
+            hidden_dim=8, intermediate_dim=16)
+
+
+def _basnet(seed=0):
+    return (hub_models.basnet(seed), *hub_models.masks(8, seed=1))
+
+
+def _retinanet(seed=0):
+    """RetinaNetObjectDetector (its own `compute_loss`: anchors matched to
+    the boxes, focal and box losses) on 64 x 64 images, two boxes each."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    encoder = m.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 8, 8, 8],
+        stackwise_num_blocks=[1, 1, 1, 1],
+        stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False)
+    backbone = m.RetinaNetBackbone(image_encoder=encoder, min_level=3,
+                                   max_level=4, use_p5=False,
+                                   image_shape=(64, 64, 3))
+    task = m.RetinaNetObjectDetector(backbone, num_classes=2,
+                                     bounding_box_format="yxyx",
+                                     pre_logits_num_conv_layers=1)
+    rng = np.random.default_rng(seed + 1)
+    images = rng.uniform(size=(8, 64, 64, 3)).astype("float32")
+    boxes = np.tile(np.array([[[8, 8, 40, 40], [16, 24, 48, 56]]],
+                             "float32"), (8, 1, 1))
+    labels = rng.integers(0, 2, size=(8, 2)).astype("float32")
+    return task, images, {"boxes": boxes, "labels": labels}
+
+
+def _seq2seq(seed=0):
+    return hub_models.seq2seq_lm(seed), hub_models.pairs(8, seed=1), None
+
+
+_DECODER = dict(max_sequence_length=8, dropout=0.0, **_SMALL)
+
+BUILDERS = {
+    "BertTextClassifier": _text_classifier("Bert", _wordpiece),
+    "DistilBertTextClassifier": _text_classifier("DistilBert", _wordpiece),
+    "RobertaTextClassifier": _text_classifier("Roberta", _roberta),
+    "BertMaskedLM": _masked_lm("Bert", _wordpiece),
+    "DistilBertMaskedLM": _masked_lm("DistilBert", _wordpiece),
+    "RobertaMaskedLM": _masked_lm(
+        "Roberta", _roberta, lambda: hub_models.sentences(16, seed=1)),
+    "GPT2CausalLM": _causal_lm("GPT2", _gpt2_style, _DECODER),
+    "OPTCausalLM": _causal_lm("OPT", _opt, _DECODER),
+    "GPTNeoXCausalLM": _causal_lm("GPTNeoX", _gpt2_style,
+                                  dict(_DECODER, rotary_percentage=0.5)),
+    "BloomCausalLM": _causal_lm("Bloom", _bloom, _SMALL),
+    "FalconCausalLM": _causal_lm("Falcon", _gpt2_style, dict(
+        num_layers=1, num_attention_heads=2, hidden_dim=8,
+        intermediate_dim=16)),
+    "QwenCausalLM": _causal_lm("Qwen", _qwen, _GQA),
+    "Qwen3CausalLM": _causal_lm("Qwen3", _qwen, dict(_GQA, head_dim=4)),
+    "Llama3CausalLM": _causal_lm("Llama3", _llama3, _GQA),
+    "BartSeq2SeqLM": _seq2seq,
+    "ResNetImageClassifier": _image_classifier("ResNet", dict(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64], stackwise_num_blocks=[1],
+        stackwise_num_strides=[1], block_type="basic_block",
+        use_pre_activation=False, image_shape=(16, 16, 3))),
+    "VGGImageClassifier": _image_classifier(
+        "VGG", dict(stackwise_num_repeats=[1], stackwise_num_filters=[4],
+                    image_shape=(16, 16, 3)),
+        dict(pooling_hidden_dim=8)),
+    "ViTImageClassifier": _image_classifier("ViT", dict(
+        image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2,
+        hidden_dim=8, mlp_dim=16)),
+    "DeiTImageClassifier": _image_classifier("DeiT", dict(
+        image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2,
+        hidden_dim=8, intermediate_dim=16)),
+    "DenseNetImageClassifier": _image_classifier("DenseNet", dict(
+        stackwise_num_repeats=[1, 1], image_shape=(16, 16, 3),
+        growth_rate=4)),
+    "XceptionImageClassifier": _image_classifier("Xception", dict(
+        stackwise_conv_filters=[[8, 8], [8, 8]],
+        stackwise_pooling=[True, False], image_shape=(16, 16, 3))),
+    "BASNetImageSegmenter": _basnet,
+    "RetinaNetObjectDetector": _retinanet,
+}
+
+# Abstract bases: the families above, not tasks of their own.
+BASES = {"Task", "CausalLM", "Seq2SeqLM", "MaskedLM", "TextClassifier",
+         "Classifier", "ImageClassifier", "ImageSegmenter", "ObjectDetector",
+         "ImageObjectDetector", "TextEmbedder", "TextToImage", "ImageToImage",
+         "Inpaint", "DepthEstimator", "AudioToText"}
+# Aliases KerasHub keeps for older names.
+ALIASES = {"BertClassifier", "DistilBertClassifier", "RobertaClassifier",
+           "AlbertClassifier", "DebertaV3Classifier", "FNetClassifier",
+           "XLMRobertaClassifier"}
+
+_SENTENCEPIECE = ("its tokenizer needs a SentencePiece model proto, which "
+                  "this zoo does not build")
+_LARGE = ("its smallest config is more than the suite can train on 2 CPU "
+          "cores in a few seconds")
+NOT_BUILT = {
+    **{name: _SENTENCEPIECE for name in (
+        "AlbertMaskedLM", "AlbertTextClassifier", "DebertaV3MaskedLM",
+        "DebertaV3TextClassifier", "FNetMaskedLM", "FNetTextClassifier",
+        "XLMRobertaMaskedLM", "XLMRobertaTextClassifier",
+        "XLMRobertaTextEmbedder", "GemmaCausalLM", "Gemma3CausalLM",
+        "LlamaCausalLM", "MistralCausalLM", "MixtralCausalLM",
+        "Phi3CausalLM", "T5Seq2SeqLM", "PaliGemmaCausalLM")},
+    **{name: _LARGE for name in (
+        "StableDiffusion3TextToImage", "StableDiffusion3ImageToImage",
+        "StableDiffusion3Inpaint", "FluxTextToImage", "SAMImageSegmenter",
+        "SAM3PromptableConceptImageSegmenter", "DFineObjectDetector")},
+}
+_NOT_YET = ("no offline builder in this zoo yet: a config and tokenizer or "
+            "image converter of its own to write")
+
+
+def task_classes() -> list:
+    """The names of the task classes `keras_hub.models` exports."""
+    m = _hub()
+    from keras_hub.src.models.task import Task
+
+    return sorted(name for name, obj in vars(m).items()
+                  if inspect.isclass(obj) and issubclass(obj, Task)
+                  and name not in BASES and name not in ALIASES)
+
+
+def status(name: str) -> str:
+    """"built", or why not."""
+    if name in BUILDERS:
+        return "built"
+    return NOT_BUILT.get(name, _NOT_YET)
+
+
+def own_compute_loss(name: str) -> bool:
+    cls = getattr(_hub(), name)
+    return any("compute_loss" in vars(k) for k in cls.__mro__
+               if k.__module__.startswith("keras_hub"))
+
+
+def _relative(a, b) -> float:
+    """max |a - b| over max |b|, the gap relative to the tensor's scale
+    (at least SCALE: a tensor that stays near 0 is compared absolutely)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), SCALE))
+
+
+def _head(tree, n):
+    """The first n examples of every array in `tree` (None stays None)."""
+    if tree is None:
+        return None
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_head(t, n) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _head(v, n) for k, v in tree.items()}
+    return tree[:n]
+
+
+def _fit(model, x, y, epochs=2):
+    sample_weight = None
+    if isinstance(y, tuple):   # (y, sample_weight) of a masked LM
+        y, sample_weight = y
+    return model.fit(x, y, sample_weight=sample_weight, batch_size=4,
+                     epochs=epochs, shuffle=False, verbose=0)
+
+
+def conformance(name: str) -> dict:
+    """SAMModel(task, rho=0).fit against task.fit (2 epochs of 2 to 4
+    batches, the task's default compile), predict, then one SAM step at
+    rho = 0.05. Returns the largest relative gaps and the step's outcome."""
+    import keras_sam
+
+    build = BUILDERS[name]
+    task, x, y = build()
+    twin, _, _ = build()
+    twin.set_weights(task.get_weights())
+    sam = keras_sam.SAMModel(twin, rho=0.0)
+    sam.compile()
+    if not task.compiled:
+        task.compile()
+    expected = _fit(task, x, y).history
+    got = _fit(sam, x, y).history
+    weights = max((_relative(a, b) for a, b in
+                   zip(twin.get_weights(), task.get_weights())), default=0.0)
+    try:
+        predict = _relative(sam.predict(x, verbose=0),
+                            task.predict(x, verbose=0))
+    except Exception:   # the task's own predict takes no such input
+        predict = None
+    keras_names = set(expected) | {"sharpness"}
+    step = keras_sam.SAMModel(build(seed=1)[0], rho=0.05)
+    step.compile()
+    before = [np.array(w) for w in step.model.get_weights()]
+    first = _head((x, y), 4)
+    loss = _fit(step, *first, epochs=1).history["loss"][0]
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(before, step.model.get_weights()))
+    return dict(
+        losses=expected["loss"], loss_gap=_relative(got["loss"],
+                                                     expected["loss"]),
+        weight_gap=weights, predict_gap=predict,
+        same_logs=set(got) == keras_names,
+        step_finite=bool(np.isfinite(loss)), moved=moved)
