@@ -162,18 +162,35 @@ def _basnet(seed=0):
     return (hub_models.basnet(seed), *hub_models.masks(8, seed=1))
 
 
-def _retinanet(seed=0):
-    """RetinaNetObjectDetector (its own `compute_loss`: anchors matched to
-    the boxes, focal and box losses) on 64 x 64 images, two boxes each."""
-    m = _hub()
-    keras.utils.set_random_seed(seed)
-    encoder = m.ResNetBackbone(
+def _small_resnet():
+    return _hub().ResNetBackbone(
         input_conv_filters=[64], input_conv_kernel_sizes=[3],
         stackwise_num_filters=[64, 8, 8, 8],
         stackwise_num_blocks=[1, 1, 1, 1],
         stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
         use_pre_activation=False)
-    backbone = m.RetinaNetBackbone(image_encoder=encoder, min_level=3,
+
+
+def _deeplab(seed=0):
+    """DeepLabV3ImageSegmenter, 2 classes, on 32 x 32 images."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.DeepLabV3Backbone(
+        image_encoder=_small_resnet(), spatial_pyramid_pooling_key="P4",
+        upsampling_size=4, dilation_rates=[1, 2], low_level_feature_key="P2",
+        projection_filters=8, image_shape=(32, 32, 3))
+    images, masks = hub_models.masks(8, seed=seed + 1)
+    one_hot = np.concatenate([1.0 - masks, masks], axis=-1)
+    return (m.DeepLabV3ImageSegmenter(backbone, num_classes=2), images,
+            one_hot.astype("float32"))
+
+
+def _retinanet(seed=0):
+    """RetinaNetObjectDetector (its own `compute_loss`: anchors matched to
+    the boxes, focal and box losses) on 64 x 64 images, two boxes each."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.RetinaNetBackbone(image_encoder=_small_resnet(), min_level=3,
                                    max_level=4, use_p5=False,
                                    image_shape=(64, 64, 3))
     task = m.RetinaNetObjectDetector(backbone, num_classes=2,
@@ -234,7 +251,13 @@ BUILDERS = {
     "XceptionImageClassifier": _image_classifier("Xception", dict(
         stackwise_conv_filters=[[8, 8], [8, 8]],
         stackwise_pooling=[True, False], image_shape=(16, 16, 3))),
+    "MiTImageClassifier": _image_classifier("MiT", dict(
+        layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0,
+        layerwise_patch_sizes=[3, 3], layerwise_strides=[2, 2],
+        image_shape=(16, 16, 3), hidden_dims=[8, 8])),
     "BASNetImageSegmenter": _basnet,
+    "DeepLabV3ImageSegmenter": _deeplab,
     "RetinaNetObjectDetector": _retinanet,
 }
 
