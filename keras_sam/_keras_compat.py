@@ -113,7 +113,8 @@ def compile_hint(sam, method_name=None) -> str:
             f"('{sam.model.name}') is. SAM trains through the SAMModel, so "
             f"compile that one before {action}: "
             "`sam_model.compile(optimizer=..., loss=..., metrics=...)` "
-            "(the wrapped model's own compile settings are not used).")
+            "(which compiles the wrapped model again with what it is "
+            "given).")
     return (
         f"Compile the SAMModel before {action}: `sam_model.compile("
         "optimizer=..., loss=..., metrics=...)`. Compile the SAMModel "

@@ -36,7 +36,6 @@ from typing import Optional
 
 import keras
 
-_AUTO = "auto"
 
 
 def _pipeline_model_class():
@@ -148,38 +147,6 @@ def task_compile_defaults(task) -> Optional[dict]:
         return dict(probe._captured)
     except Exception:   # a compile that needs more than attributes
         return None
-
-
-# The arguments a KerasHub task's `compile` may default ("auto").
-_TASK_ARGUMENTS = ("optimizer", "loss", "metrics", "weighted_metrics")
-
-
-def compile_arguments(model, arguments: dict) -> dict:
-    """`SAMModel.compile`'s `arguments` with each "auto" (or absent) one
-    among optimizer, loss, metrics and weighted_metrics replaced: by the
-    default of a KerasHub task (what `task.compile()` sets), else by
-    Keras's own (rmsprop, no loss, no metrics)."""
-    auto = [k for k in _TASK_ARGUMENTS if _is_auto(arguments.get(k, _AUTO))]
-    if not auto:
-        return arguments
-    if is_task(model):
-        defaults = task_compile_defaults(model)
-        if defaults is None:
-            raise ValueError(
-                f"`{auto[0]}`=\"auto\" takes the default of "
-                f"'{model.name}' ({type(model).__name__}), which cannot be "
-                f"read from it. Pass `{auto[0]}` to `sam_model.compile` "
-                "explicitly.")
-    else:
-        defaults = {"optimizer": "rmsprop"}
-    resolved = dict(arguments)
-    for key in auto:
-        resolved[key] = defaults.get(key)
-    return resolved
-
-
-def _is_auto(value) -> bool:
-    return isinstance(value, str) and value == _AUTO
 
 
 def compiled_by_user(model) -> bool:

@@ -67,11 +67,13 @@ def compile_model(model: keras.Model, arguments: dict) -> tuple:
     arguments = dict(arguments)
     step = {k: arguments.pop(k) for k in _STEP_ARGUMENTS if k in arguments}
     if not hub.is_task(model):
-        # "auto" is a KerasHub task's word; a plain model gets Keras's
-        # defaults (rmsprop, no loss, no metrics).
-        arguments = hub.compile_arguments(model, arguments)
-    arguments.setdefault("optimizer", "auto" if hub.is_task(model)
-                         else "rmsprop")
+        # "auto" is a KerasHub task's word (the task resolves it in its own
+        # compile); a plain model gets Keras's defaults (rmsprop, no loss,
+        # no metrics).
+        arguments = {k: None if _is_auto(v) else v
+                     for k, v in arguments.items()}
+        if arguments.get("optimizer") is None:
+            arguments["optimizer"] = "rmsprop"
     model.compile(**arguments)
     optimizer = model.optimizer
     config = _keras_compat.compile_config(model)
@@ -97,6 +99,10 @@ def _sam_compile_config(config: dict, arguments: dict, optimizer,
     extra = {k: v for k, v in arguments.items()
              if k not in resolved and k not in _STEP_ARGUMENTS}
     return {**resolved, **extra, "optimizer": optimizer, **step}
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
 
 
 class Wrapped:
