@@ -16,11 +16,6 @@ from keras_sam.options import Rho, SAMOptions
 from keras_sam.selection import selected
 from keras_sam.state import LookSAMState
 
-# The default radius. A SAMModel remembers whether `rho` was left at it
-# (`rho is DEFAULT_RHO`: a value the caller wrote is another object), so
-# that Momentum-SAM can say when that default does not suit its optimizer.
-DEFAULT_RHO = 0.05
-
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SAMModel(keras.Model):
@@ -145,7 +140,7 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model: keras.Model, rho: Rho = DEFAULT_RHO, *,
+    def __init__(self, model: keras.Model, rho: Rho = 0.05, *,
                  p: float = 2.0, adaptive: bool = False, eta: float = 0.01,
                  gsam_alpha: float = 0.0, sam_every: int = 1,
                  looksam_alpha: Optional[float] = None,
@@ -181,10 +176,17 @@ class SAMModel(keras.Model):
         super().__init__(**kwargs)
         self.model = model
         self.options = options
-        self._rho_left_at_default = rho is DEFAULT_RHO
+        # Whether `rho` was left at its default: the signature's own float
+        # object (a value the caller wrote is another one), so that
+        # Momentum-SAM can say when that default does not suit its optimizer.
+        self._rho_left_at_default = rho is SAMModel.__init__.__defaults__[0]
         # Momentum-SAM never evaluates L(w): no sharpness to log.
         self._sharpness_tracker = (None if options.momentum else
                                    keras.metrics.Mean(name="sharpness"))
+        # ||g|| per step, not logged: keras_sam.watch reads it.
+        self._gradient_norm_tracker = (
+            None if options.momentum or options.off
+            else keras.metrics.Mean(name=objective.GRADIENT_NORM))
         self.looksam_state = None
         if model.built:
             self.built = True
@@ -446,6 +448,9 @@ class SAMModel(keras.Model):
 
     def reset_metrics(self):
         objective.reset_metrics(self)
+
+    def get_metrics_result(self):
+        return objective.metrics_result(self, super().get_metrics_result())
 
     def _assert_compile_called(self, method_name=None):
         if not self.compiled:

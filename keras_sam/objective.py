@@ -35,6 +35,9 @@ import keras
 
 from keras_sam import _keras_compat, hub
 
+# The name of the unlogged mean of ||g|| over an epoch's steps.
+GRADIENT_NORM = "sam_gradient_norm"
+
 # `keras.Model.compile`'s arguments, in its positional order.
 _KERAS_COMPILE = tuple(inspect.signature(keras.Model.compile).parameters)[1:]
 # The ones that configure the SAM model's step rather than the objective.
@@ -203,17 +206,29 @@ def compute_metrics(sam, x, y, y_pred, sample_weight=None) -> dict:
 
 def metrics(sam) -> list:
     """The wrapped model's metrics (its loss tracker, compiled metrics and
-    any of its own, or its `metrics` override), then sharpness."""
+    any of its own, or its `metrics` override), then sharpness, then the
+    unlogged ||g|| tracker (a metric, so that every backend's step carries
+    its state)."""
     model = wrapped_attribute(sam, "metrics")
-    own = [] if getattr(sam, "_sharpness_tracker", None) is None else \
-        [sam._sharpness_tracker]
-    return list(model or []) + own
+    own = [getattr(sam, name, None)
+           for name in ("_sharpness_tracker", "_gradient_norm_tracker")]
+    return list(model or []) + [m for m in own if m is not None]
 
 
 def reset_metrics(sam) -> None:
+    """Keras's reset (each epoch, each evaluate): the model's metrics and
+    sharpness. The ||g|| mean is reset by keras_sam.watch, at the start of
+    each training epoch only."""
     sam.model.reset_metrics()
     if sam._sharpness_tracker is not None:
         sam._sharpness_tracker.reset_state()
+
+
+def metrics_result(sam, results: dict) -> dict:
+    """Keras's `get_metrics_result` without the unlogged ||g||."""
+    results = dict(results)
+    results.pop(GRADIENT_NORM, None)
+    return results
 
 
 def has_loss(model) -> bool:

@@ -209,6 +209,14 @@ class SAMOptions:
         return self.direction == "momentum"
 
     @property
+    def off(self) -> bool:
+        """Whether rho is the constant 0: e = 0, so g_sam = g and the step
+        is the base optimizer's, taken without pass 2 (LookSAM aside, whose
+        stored direction still changes the update)."""
+        return (isinstance(self.rho, float) and self.rho == 0.0
+                and self.looksam_alpha is None)
+
+    @property
     def combines_gradients(self) -> bool:
         """Whether the update is built from several gradients (GSAM, LookSAM,
         every-k, splits), which densifies sparse gradients."""

@@ -116,6 +116,28 @@ def track_sharpness(tracker, sharpness, took_sam_step, batch_size) -> None:
         * scalar_like(batch_size, sharpness))
 
 
+def unscaled(grad_norm, optimizer):
+    """||g|| of the loss from that of the loss a LossScaleOptimizer scaled
+    (read where the optimizer's variables hold the step's values)."""
+    scale = getattr(optimizer, "dynamic_scale", None)
+    if scale is None:
+        return grad_norm
+    return grad_norm / ops.cast(scale, grad_norm.dtype)
+
+
+def track_gradient_norm(tracker, grad_norm, finite) -> None:
+    """Add ||g||, the clean gradient's norm that e was taken from, to the
+    `tracker`'s mean, one count per applied step; keras_sam.watch reads it
+    after the epoch. No tracker (rho = 0, Momentum-SAM): nothing to
+    track."""
+    if tracker is None:
+        return
+    counted = ops.logical_and(finite, ops.isfinite(grad_norm))
+    tracker.update_state(
+        ops.where(counted, grad_norm, ops.zeros_like(grad_norm)),
+        sample_weight=ops.cast(counted, "float32"))
+
+
 def merge_states(states: Sequence[Sequence], sizes: Sequence) -> list:
     """The layer state after a step whose clean pass ran chunk by chunk,
     each chunk from the same state: floating-point state (BatchNorm moving

@@ -11,12 +11,21 @@ without an error.
   as they were); TensorFlow stops with an error naming the iteration, and
   on JAX and PyTorch, whose compiled or queued steps cannot raise, this
   check warns after the epoch, naming the first bad iteration and value.
-- A training loss that did not go down over an epoch at the start of
-  training (the first three epochs of the optimizer's iterations, whether
-  they ran as one `fit` or as several). With Adam on Transformers, SAM at a constant rho from the first step can hold the loss
-  at the constant-predictor level (ln 2 for two classes) for good, while
-  plain training learns (`benchmarks/transformer_case.py --study`); the
-  warning says what to try.
+- A training loss that stays where it started while the gradient
+  vanishes: at epoch 2 or 3 of the optimizer's iterations (whether they ran
+  as one `fit` or as several), a loss that did not go down over the epoch
+  (by STALL or more) and is still within LEFT of the first epoch's, while
+  the mean norm of the clean gradient g over the epoch fell to COLLAPSE of
+  the first epoch's or less. The model has gone flat at its starting loss,
+  a near-constant prediction, which SAM's objective favours: with Adam on
+  Transformers, SAM at a constant rho from the first step holds the loss at
+  the constant-predictor level (ln 2 for two classes) for good, its mean
+  ||g|| a quarter of the first epoch's, while plain training from the same
+  start learns (`benchmarks/stall_evidence.py`). A loss that stays while g
+  does not shrink (a learning rate too small to move it, a plateau plain
+  training shares) is not this, and gets no warning; nor does rho = 0. The
+  step keeps the mean of ||g|| (which e is computed from) on the device;
+  this check reads it once after the epoch.
 
 Each warning is given once per SAMModel and names the user's `fit` line.
 """
@@ -37,6 +46,47 @@ from keras_sam import _keras_compat, _warnings
 # less than this or rose; runs that learned fell by 20% or more once they
 # left the plateau.
 STALL = 0.005
+# A loss still within this share of the first epoch's has not left where
+# it started.
+LEFT = 0.02
+# A mean ||g|| at or below this share of the first epoch's has collapsed.
+# In benchmarks/stall_evidence.py the stalled runs fell to 0.23-0.28 of it,
+# runs that learned or that nothing moved kept 0.74 or more.
+COLLAPSE = 0.5
+GUIDE = ("docs/guides/transformers-adam.md ('Transformers and Adam' in the "
+         "documentation)")
+
+
+def stall_message(losses: list, norms: list) -> str | None:
+    """The warning after the epoch whose training loss is `losses[-1]`, or
+    None. `losses` and `norms` hold, per epoch since the first, the loss
+    and the mean ||g|| (NaN where no step measured it)."""
+    first, before, now = losses[0], losses[-2], losses[-1]
+    if now < before - STALL * abs(before) or now < first - LEFT * abs(first):
+        return None
+    if not (math.isfinite(norms[0]) and math.isfinite(norms[-1])
+            and norms[0] > 0.0 and norms[-1] <= COLLAPSE * norms[0]):
+        return None
+    epoch = len(losses)
+    if now > before:
+        seen = f"rose over epoch {epoch} ({before:.6g} -> {now:.6g})"
+    elif now == before:
+        seen = f"did not change over epoch {epoch} ({now:.6g})"
+    else:
+        seen = (f"fell by only {100.0 * (before - now) / abs(before):.2g}% "
+                f"over epoch {epoch} ({before:.6g} -> {now:.6g})")
+    return (
+        f"The training loss {seen}, still where it started (epoch 1: "
+        f"{first:.4g}), while the clean gradient vanished: its mean norm "
+        f"||g|| fell from {norms[0]:.3g} in epoch 1 to {norms[-1]:.3g}. The "
+        "model has gone flat at its starting loss (a near-constant "
+        "prediction), which SAM's objective favours; with Adam on "
+        "Transformers SAM holds such a model there for good, while plain "
+        "training from the same start learns. Train the same model without "
+        "SAM for as many epochs: if it learns, try `adaptive=True` (ASAM) or "
+        "a smaller rho, or start SAM once plain training has left this loss "
+        "(a rho schedule that is 0 for the first epochs). See "
+        f"{GUIDE}.")
 
 
 def bad_rho(rho, iterations) -> tuple | None:
@@ -56,12 +106,13 @@ def bad_rho(rho, iterations) -> tuple | None:
 @dataclasses.dataclass
 class Record:
     """The start of training as the checks see it, kept on the SAMModel
-    across `fit` calls: the loss of each epoch so far and the optimizer
-    iteration at which the last one ended. An epoch that begins anywhere
-    else (a new optimizer, weights loaded, steps run outside `fit`) begins
-    a new record, so one `fit(epochs=5)` and five `fit(epochs=1)` are the
-    same run to the checks."""
+    across `fit` calls: the loss and mean ||g|| of each epoch so far, and
+    the optimizer iteration at which the last one ended. An epoch that
+    begins anywhere else (a new optimizer, weights loaded, steps run
+    outside `fit`) begins a new record, so one `fit(epochs=5)` and five
+    `fit(epochs=1)` are the same run to the checks."""
     losses: list = dataclasses.field(default_factory=list)
+    norms: list = dataclasses.field(default_factory=list)
     end: int | None = None
     stall_warned: bool = False
 
@@ -76,6 +127,9 @@ class Watch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = iterations(self.sam)
+        tracker = self.sam._gradient_norm_tracker
+        if tracker is not None:   # this epoch's mean
+            tracker.reset_state()
         record = getattr(self.sam, "_watch_record", None)
         if record is None or record.end != self.start:
             # Not a layer, variable or config: Keras does not track it.
@@ -90,19 +144,13 @@ class Watch(keras.callbacks.Callback):
         if loss is None or not math.isfinite(loss := float(loss)):
             return
         record.losses.append(loss)
+        record.norms.append(gradient_norm_seen(self.sam))
         # The start of training only: later, a loss that settles is fine.
         if 2 <= len(record.losses) <= 3 and not record.stall_warned:
-            before, now = record.losses[-2], record.losses[-1]
-            if now >= before - STALL * abs(before):
+            message = stall_message(record.losses, record.norms)
+            if message is not None:
                 record.stall_warned = True
-                _warnings.warn(
-                    f"The training loss did not go down over an epoch "
-                    f"({before:.4g} -> {now:.4g}). If the same model learns "
-                    "without SAM, SAM is holding it where it started (seen "
-                    "with Adam on Transformers): try `adaptive=True` (ASAM) "
-                    "or a smaller rho, or start SAM once plain training has "
-                    "left this loss (a rho schedule that is 0 for the first "
-                    "epochs). See the README, 'Transformers and Adam'.")
+                _warnings.warn(message)
 
     def check_rho(self, end: int) -> None:
         rho = self.sam.options.rho
@@ -119,6 +167,18 @@ class Watch(keras.callbacks.Callback):
                 "were skipped (the weights did not move on them). Fix "
                 "the schedule, e.g. clip it: `lambda t: "
                 "keras.ops.maximum(schedule(t), 0.0)`.")
+
+
+def gradient_norm_seen(sam) -> float:
+    """The mean ||g|| over the epoch's steps, read on the host once; NaN
+    where no step measured it (rho = 0, Momentum-SAM, all skipped)."""
+    tracker = sam._gradient_norm_tracker
+    if tracker is None:
+        return float("nan")
+    count = float(_keras_compat.to_numpy(tracker.count))
+    if not count:
+        return float("nan")
+    return float(_keras_compat.to_numpy(tracker.total)) / count
 
 
 def iterations(sam) -> int:

@@ -3,7 +3,9 @@ every table of figures is one that a command in the repository printed.
 
 Blocks run page by page, in order, in one fresh Python process per page
 (what a reader pasting them one after the other gets), in a scratch
-directory. A block may be preceded by a marker line:
+directory. What a page says a line prints is checked: a `print(...)` with a
+trailing comment must write it as `# => TEXT`, and the line must print TEXT
+(`...` in TEXT matches anything). A block may be preceded by a marker line:
 
     <!-- skip: needs a GPU | a cluster | a download (...) -->   not run
     <!-- session: NAME=VALUE ... -->   this block and the rest of the page
@@ -70,9 +72,41 @@ def sessions(path: Path) -> list[tuple[dict, list[dict]]]:
     return [(env, code) for env, code in out if code]
 
 
+# `print(ARGS)  # => TEXT` on one line of a block.
+CLAIM = re.compile(r"^(?P<indent>\s*)print\((?P<args>.*)\)\s*#\s*=>\s*"
+                   r"(?P<text>.*?)\s*$")
+COMMENTED_PRINT = re.compile(r"^\s*print\(.*\)\s*#")
+
+
+def checked(code: str, where: str) -> str:
+    """The block with each `print(ARGS)  # => TEXT` line made a check that
+    ARGS print TEXT."""
+    lines = []
+    for n, line in enumerate(code.splitlines()):
+        claim = CLAIM.match(line)
+        if claim:
+            line = (f"{claim['indent']}__expect__("
+                    f"{claim['text']!r}, {where!r} + ':{n}', "
+                    f"{claim['args']})")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 RUNNER = """
-import json, sys
-namespace = {"__name__": "__main__"}
+import io, json, re, sys
+
+def __expect__(text, where, *args, **kwargs):
+    out = io.StringIO()
+    print(*args, file=out, **kwargs)
+    printed = out.getvalue().rstrip("\\n")
+    print(printed, flush=True)
+    pattern = ".*".join(re.escape(part) for part in text.split("..."))
+    if not re.fullmatch(pattern, printed, re.S):
+        raise AssertionError(
+            f"{where}: the page says this line prints {text!r}; it printed "
+            f"{printed!r}")
+
+namespace = {"__name__": "__main__", "__expect__": __expect__}
 for block in json.load(open(sys.argv[1])):
     print(f"--- {block['where']}", flush=True)
     exec(compile(block["code"], block["where"], "exec"), namespace)
@@ -87,7 +121,8 @@ def test_every_python_block_of_the_page_runs(page, tmp_path):
     for n, (extra_env, code) in enumerate(sessions(path)):
         script = tmp_path / f"blocks{n}.json"
         script.write_text(json.dumps(
-            [{"code": b["code"], "where": f"{page}:{b['line']}"}
+            [{"code": checked(b["code"], f"{page}:{b['line']}"),
+              "where": f"{page}:{b['line']}"}
              for b in code]))
         env = {**os.environ, "KERAS_BACKEND": "tensorflow",
                "TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg",
@@ -98,6 +133,55 @@ def test_every_python_block_of_the_page_runs(page, tmp_path):
         assert run.returncode == 0, (
             f"{page}, session {n} ({extra_env}):\n{run.stdout[-2000:]}\n"
             f"{run.stderr[-4000:]}")
+
+
+def test_what_a_page_says_a_line_prints_is_checked():
+    """A comment after a `print` is a claim about its output: written as
+    `# => TEXT`, which the block runner checks (a skipped block's too,
+    as far as the form goes)."""
+    loose = [f"{_name(path)}:{block['line'] + n}: {line.strip()}"
+             for path in SOURCES for block in blocks(path)
+             for n, line in enumerate(block["code"].splitlines())
+             if COMMENTED_PRINT.match(line) and not CLAIM.match(line)]
+    assert not loose, (
+        "a print's comment must say what it prints, as `# => TEXT`:\n"
+        + "\n".join(loose))
+    claims = sum(bool(CLAIM.match(line)) for path in SOURCES
+                 for block in blocks(path)
+                 for line in block["code"].splitlines())
+    assert claims >= 5
+
+
+def test_a_block_that_needs_an_environment_says_so_on_the_page():
+    """A session marker's variables (KERAS_BACKEND=jax, XLA_FLAGS=...) are
+    in an HTML comment the reader does not see: the page's text must show
+    each of them too."""
+    for path in SOURCES:
+        text = path.read_text()
+        visible = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+        for block in blocks(path):
+            if block["kind"] != "session":
+                continue
+            for item in block["arg"].split():
+                name, value = item.split("=", 1)
+                assert (item in visible or f'os.environ["{name}"] = '
+                        f'"{value}"' in visible), (
+                    f"{_name(path)}:{block['line']}: the block runs with "
+                    f"{item}, which the page's text does not show")
+
+
+def test_checked_lines_compare_what_they_print():
+    """The check itself: a matching line passes, a wrong claim fails with
+    both texts, `...` matches anything."""
+    code = checked("x = 3\nprint(x, 'a')   # => 3 a\nprint([x])  # => [...]",
+                   "page.md:1")
+    namespace = {}
+    exec(compile(RUNNER.split("namespace =")[0], "runner", "exec"), namespace)
+    exec(compile(code, "page.md", "exec"), dict(namespace))
+    wrong = checked("print(1 + 1)   # => 3", "page.md:9")
+    with pytest.raises(AssertionError, match=r"page.md:9:0: the page says "
+                       r"this line prints '3'; it printed '2'"):
+        exec(compile(wrong, "page.md", "exec"), dict(namespace))
 
 
 def test_only_blocks_that_need_a_gpu_a_cluster_or_a_download_are_skipped():
@@ -128,6 +212,8 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert run.returncode == 0, run.stderr[-5000:]
     api = (tmp_path / "site" / "api" / "sam-model" / "index.html").read_text()
     assert "sam_every" in api and "Raises" in api
+    # Defaults as values, not the names of constants.
+    assert "DEFAULT_RHO" not in api and "0.05" in api
 
 
 # ------------------------------------------------------------------ tables

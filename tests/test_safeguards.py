@@ -264,7 +264,37 @@ def test_csv_logger_gets_the_monitor_columns_every_epoch(tmp_path):
     assert values[1] > 0 and values[3] > 0
 
 
-# ------------------------------------------------- a loss that never moves
+# ---------------------------------------- a loss held where it started
+
+class _Flattening(keras.Model):
+    """A loss that stays at 0.6931 (to 1e-4) while its gradient vanishes,
+    as a model that SAM has made a constant predictor: 0.6931 plus 1e-4 of
+    the squared error of a linear fit that SGD(3000) solves in a few steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        residual = keras.ops.squeeze(y_pred, -1) - y
+        return 0.6931 + 1e-4 * keras.ops.mean(residual * residual)
+
+
+def _flattening(rho=0.05):
+    keras.utils.set_random_seed(0)
+    sam = keras_sam.SAMModel(_Flattening(), rho=rho)
+    sam.compile(optimizer=keras.optimizers.SGD(3000.0))
+    return sam
+
+
+def _line_data():
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    return x, x @ np.arange(1, 6, dtype="float32")
+
 
 def _stuck():
     """A SAM model whose loss cannot move: a zero learning rate."""
@@ -282,54 +312,94 @@ def _stall_warnings(fit, calls):
         warnings.simplefilter("always")
         for _ in range(calls):
             fit()
-    return [w for w in caught if "did not go down" in str(w.message)]
+    return [w for w in caught if "still where it started" in str(w.message)]
 
 
-def test_a_loss_stuck_at_the_start_is_warned_about():
-    """A model whose loss cannot move (a constant output) trips the warning
-    after its second epoch, at the user's `fit` line; a model that learns
-    does not."""
-    x, y = regression_data(n=64)
-    stuck = _stuck()
-    with pytest.warns(UserWarning, match="did not go down over an epoch.*"
-                                         "adaptive=True") as caught:
-        stuck.fit(x, y, batch_size=16, epochs=3, verbose=0)
+def test_a_loss_held_where_it_started_is_warned_about_with_its_evidence():
+    """A loss that stays at its start while ||g|| collapses trips the
+    warning after epoch 2, at the user's `fit` line, with the figures it
+    saw; the same model at rho = 0, a model that nothing moves (||g||
+    unchanged) and a model that learns give none."""
+    x, y = _line_data()
+    flat = _flattening()
+    with pytest.warns(UserWarning, match=r"training loss (rose|did not "
+                      r"change|fell by only .*%) over epoch [23] .*still where "
+                      r"it started \(epoch 1: 0\.69.*\|\|g\|\| fell from "
+                      r".* in epoch 1 to .*adaptive=True.*transformers-adam"
+                      r"\.md") as caught:
+        flat.fit(x, y, batch_size=16, epochs=3, verbose=0)
     # The user's line, not Keras's callbacks/callback_list.py.
-    assert _ours(caught, "did not go down").filename == __file__
+    assert _ours(caught, "still where it started").filename == __file__
+    norms = flat._watch_record.norms
+    assert norms[1] <= keras_sam.watch.COLLAPSE * norms[0]
+    off = _flattening(rho=0.0)
+    assert _stall_warnings(lambda: off.fit(x, y, batch_size=16, epochs=3,
+                                           verbose=0), 1) == []
+    xs, ys = regression_data(n=64)
+    stuck = _stuck()
+    assert _stall_warnings(lambda: stuck.fit(xs, ys, batch_size=16, epochs=3,
+                                             verbose=0), 1) == []
+    norms = stuck._watch_record.norms
+    assert len(norms) == 3 and norms[2] == pytest.approx(norms[0], rel=1e-5)
     learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
     learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        learns.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        learns.fit(xs, ys, batch_size=16, epochs=3, verbose=0)
+
+
+def test_the_stall_message_says_what_the_loss_did():
+    """Exact words for a loss that rose, stayed, fell too little; nothing
+    for one that fell by STALL or more, left where it started, or kept its
+    gradient."""
+    message = keras_sam.watch.stall_message
+    assert message([0.7, 0.6931, 0.6932], [2.0, 0.1, 0.05]).startswith(
+        "The training loss rose over epoch 3 (0.6931 -> 0.6932), still "
+        "where it started (epoch 1: 0.7), while the clean gradient "
+        "vanished: its mean norm ||g|| fell from 2 in epoch 1 to 0.05.")
+    assert message([0.6931, 0.6931], [2.0, 0.1]).startswith(
+        "The training loss did not change over epoch 2 (0.6931), still "
+        "where it started (epoch 1: 0.6931)")
+    assert message([0.7, 0.6931, 0.6930], [2.0, 0.1, 0.05]).startswith(
+        "The training loss fell by only 0.014% over epoch 3 (0.6931 -> "
+        "0.693), ")
+    assert message([0.7, 0.6931, 0.68], [2.0, 0.1, 0.05]) is None  # fell
+    assert message([0.7, 0.5, 0.5], [2.0, 0.1, 0.05]) is None   # left start
+    assert message([0.7, 0.7, 0.7], [2.0, 1.5, 1.2]) is None    # g kept
+    nan = float("nan")
+    assert message([0.7, 0.7], [nan, nan]) is None              # rho = 0
 
 
 def test_the_stall_check_sees_one_run_across_fit_calls():
     """Five `fit(epochs=1)` calls (a loop with its own evaluation) are one
-    run to the check, as `fit(epochs=5)` is: a stuck model warns once, a
+    run to the check, as `fit(epochs=5)` is: a held model warns once, a
     learning one never; a new optimizer starts the check again."""
-    x, y = regression_data(n=64)
-    stuck = _stuck()
-    fit = lambda: stuck.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    x, y = _line_data()
+    flat = _flattening()
+    fit = lambda: flat.fit(x, y, batch_size=16, epochs=1, verbose=0)
     stalls = _stall_warnings(fit, 5)
     assert len(stalls) == 1 and stalls[0].filename == __file__
-    assert "0 ->" not in str(stalls[0].message)         # two real losses
-    stuck.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    flat.compile(optimizer=keras.optimizers.SGD(3000.0))
+    flat.model.dense.kernel.assign(np.zeros((5, 1)))
     assert len(_stall_warnings(fit, 1)) == 0            # one epoch: no basis
     assert len(_stall_warnings(fit, 1)) == 1
+    xs, ys = regression_data(n=64)
     learns = keras_sam.SAMModel(tanh_mlp(), rho=0.05)
     learns.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     assert _stall_warnings(
-        lambda: learns.fit(x, y, batch_size=16, epochs=1, verbose=0), 5) == []
+        lambda: learns.fit(xs, ys, batch_size=16, epochs=1, verbose=0),
+        5) == []
 
 
 def test_epochs_that_do_not_follow_on_start_a_new_check():
     """Steps taken outside `fit` between two epochs break the run: the
     epochs before them do not count with those after."""
-    x, y = regression_data(n=64)
-    stuck = _stuck()
-    fit = lambda: stuck.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    x, y = _line_data()
+    flat = _flattening()
+    fit = lambda: flat.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert len(_stall_warnings(fit, 1)) == 0
-    stuck.train_on_batch(x[:16], y[:16])
+    flat.model.dense.kernel.assign(np.zeros((5, 1)))
+    flat.train_on_batch(x[:16], y[:16])
     assert len(_stall_warnings(fit, 1)) == 0            # a new first epoch
     assert len(_stall_warnings(fit, 1)) == 1
 

@@ -76,6 +76,7 @@ class Result:
     finite: Any            # whether g was finite (else: skip the step)
     took_sam_step: Any     # finite and pass 2 ran
     perturbed_loss: Any    # L_B(w + e) (NaN without pass 2)
+    grad_norm: Any         # ||g|| of the perturbed variables
     looksam: list          # LookSAM's g_v after the step ([] without)
 
 
@@ -135,13 +136,15 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
             zip(optimizer_vars, optimizer_values))):
         iteration = ops.convert_to_tensor(optimizer.iterations)
         rho = options.rho_at(iteration)
-    sam_now = (True if options.sam_every == 1 else
-               variants.is_sam_step(iteration, options.sam_every))
-    if sam_now is not True and autodiff.decide is not None:
+        one = ops.ones((), "float32")
+        per_unit_loss = step.unscaled(one, optimizer)   # 1 / loss scale
+    sam_now = (False if options.off else True if options.sam_every == 1
+               else variants.is_sam_step(iteration, options.sam_every))
+    if sam_now is not True and sam_now is not False and autodiff.decide is not None:
         sam_now = autodiff.decide(sam_now)
     loss_at = loss_function(sam, variables, non_trainable, optimizer_values,
                             metric_values, live=autodiff.live)
-    if options.momentum:
+    if options.momentum and not options.off:
         return _momentum_step(sam, variables, trainable, optimizer_values,
                               loss_at, data, autodiff, rho, ascent_ids)
     own = _looksam_positions(sam, state_vars)
@@ -247,7 +250,10 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
                   state=first["state"], metrics=first["metrics"],
                   direction=list(direction), finite=finite,
                   took_sam_step=took_sam_step,
-                  perturbed_loss=perturbed_loss, looksam=list(new_looksam))
+                  perturbed_loss=perturbed_loss,
+                  grad_norm=per_unit_loss * ops.mean(ops.stack(
+                      [ops.mean(n) for n in first["norms"]])),
+                  looksam=list(new_looksam))
 
 
 def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
@@ -271,7 +277,8 @@ def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
     return Result(loss=loss, y_pred=y_pred, state=state, metrics=metrics,
                   direction=list(grads), finite=finite,
                   took_sam_step=ops.logical_not(ops.ones_like(finite)),
-                  perturbed_loss=loss, looksam=[])
+                  perturbed_loss=loss, grad_norm=ops.zeros_like(loss),
+                  looksam=[])
 
 
 def new_state(sam, variables: Variables, result: Result,
@@ -322,6 +329,8 @@ def logs(sam, variables: Variables, result: Result, trainable,
         step.track_sharpness(sam._sharpness_tracker,
                              result.perturbed_loss - result.loss,
                              result.took_sam_step, n)
+        step.track_gradient_norm(sam._gradient_norm_tracker,
+                                 result.grad_norm, result.finite)
         logs = sam.compute_metrics(x, y, result.y_pred, sample_weight)
     return logs, [_current(scope, v, m) for v, m in zip(metric_vars,
                                                         metric_values)]

@@ -241,4 +241,9 @@ def train_step(sam, data):
     )
     step.track_sharpness(sam._sharpness_tracker, sharpness, took_sam_step,
                          passes.batch_size(x))
+    if ascents:   # ||g|| that e was taken from (chunks: their mean)
+        step.track_gradient_norm(
+            sam._gradient_norm_tracker,
+            step.unscaled(tf.add_n([n for _, n in ascents]) / len(ascents),
+                          optimizer), finite)
     return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
