@@ -158,6 +158,45 @@ _GQA = dict(num_layers=1, num_query_heads=2, num_key_value_heads=1,
             hidden_dim=8, intermediate_dim=16)
 
 
+def _roformer_classifier(seed=0):
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    tokenizer = m.RoformerV2Tokenizer(vocabulary=_WORDPIECE)
+    backbone = m.RoformerV2Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
+        num_heads=2, hidden_dim=8, intermediate_dim=16, head_size=4,
+        dropout=0.0)
+    preprocessor = m.RoformerV2TextClassifierPreprocessor(tokenizer,
+                                                          sequence_length=8)
+    return (m.RoformerV2TextClassifier(backbone, num_classes=2,
+                                       preprocessor=preprocessor),
+            *hub_models.reviews(16, seed=1))
+
+
+_AMINO_ACIDS = list("ACDEFGHIKLMNPQRSTVWY")
+
+
+def _esm_classifier(seed=0):
+    """ESMProteinClassifier on random protein sequences (space-separated
+    residues), an ESM-2 backbone."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    tokenizer = m.ESMTokenizer(vocabulary=["<pad>", "<unk>", "<cls>",
+                                           "<eos>", "<mask>"] + _AMINO_ACIDS)
+    backbone = m.ESM2Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
+        num_heads=2, hidden_dim=8, intermediate_dim=16, dropout=0.0,
+        max_sequence_length=16)
+    preprocessor = m.ESMProteinClassifierPreprocessor(tokenizer,
+                                                      sequence_length=12)
+    rng = np.random.default_rng(seed + 1)
+    proteins = np.array([" ".join(rng.choice(_AMINO_ACIDS, 8))
+                         for _ in range(16)])
+    return (m.ESMProteinClassifier(backbone, num_classes=2,
+                                   preprocessor=preprocessor),
+            proteins, rng.integers(0, 2, 16))
+
+
 def _basnet(seed=0):
     return (hub_models.basnet(seed), *hub_models.masks(8, seed=1))
 
@@ -214,6 +253,8 @@ BUILDERS = {
     "BertTextClassifier": _text_classifier("Bert", _wordpiece),
     "DistilBertTextClassifier": _text_classifier("DistilBert", _wordpiece),
     "RobertaTextClassifier": _text_classifier("Roberta", _roberta),
+    "RoformerV2TextClassifier": _roformer_classifier,
+    "ESMProteinClassifier": _esm_classifier,
     "BertMaskedLM": _masked_lm("Bert", _wordpiece),
     "DistilBertMaskedLM": _masked_lm("DistilBert", _wordpiece),
     "RobertaMaskedLM": _masked_lm(
@@ -229,6 +270,13 @@ BUILDERS = {
     "QwenCausalLM": _causal_lm("Qwen", _qwen, _GQA),
     "Qwen3CausalLM": _causal_lm("Qwen3", _qwen, dict(_GQA, head_dim=4)),
     "Llama3CausalLM": _causal_lm("Llama3", _llama3, _GQA),
+    "Qwen2CausalLM": _causal_lm("Qwen2", _qwen, _GQA),
+    # Mixtures of experts (top-1 of 2): a router, and an auxiliary loss.
+    "QwenMoeCausalLM": _causal_lm("QwenMoe", _qwen, dict(
+        _GQA, moe_intermediate_dim=8, shared_expert_intermediate_dim=8,
+        num_experts=2, top_k=1)),
+    "Qwen3MoeCausalLM": _causal_lm("Qwen3Moe", _qwen, dict(
+        _GQA, head_dim=4, moe_intermediate_dim=8, num_experts=2, top_k=1)),
     "BartSeq2SeqLM": _seq2seq,
     "ResNetImageClassifier": _image_classifier("ResNet", dict(
         input_conv_filters=[64], input_conv_kernel_sizes=[3],
@@ -256,6 +304,10 @@ BUILDERS = {
         layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0,
         layerwise_patch_sizes=[3, 3], layerwise_strides=[2, 2],
         image_shape=(16, 16, 3), hidden_dims=[8, 8])),
+    "SwinTransformerImageClassifier": _image_classifier(
+        "SwinTransformer", dict(image_shape=(16, 16, 3), embed_dim=8,
+                                depths=[1], num_heads=[2], window_size=2,
+                                patch_size=4, drop_path=0.0)),
     "BASNetImageSegmenter": _basnet,
     "DeepLabV3ImageSegmenter": _deeplab,
     "RetinaNetObjectDetector": _retinanet,
@@ -287,6 +339,10 @@ NOT_BUILT = {
         "StableDiffusion3TextToImage", "StableDiffusion3ImageToImage",
         "StableDiffusion3Inpaint", "FluxTextToImage", "SAMImageSegmenter",
         "SAM3PromptableConceptImageSegmenter", "DFineObjectDetector")},
+    "SegFormerImageSegmenter": (
+        "KerasHub 0.32 cannot build it from a config here: SegFormerBackbone "
+        "over a MiTBackbone raises 'The name \"linear_8\" is used 2 times "
+        "in the model' (2 and 4 stages)"),
 }
 _NOT_YET = ("no offline builder in this zoo yet: a config and tokenizer or "
             "image converter of its own to write")

@@ -63,6 +63,35 @@ def test_sam_differs_from_base_step():
     assert diff > 1e-4
 
 
+class _Counted(keras.layers.Layer):
+    """The identity, counting the forward passes that run it (eagerly)."""
+
+    calls = 0
+
+    def call(self, x):
+        type(self).calls += 1
+        return x
+
+
+@pytest.mark.backends("torch")
+def test_rho_zero_takes_one_gradient_per_step():
+    """A constant rho = 0 is the base step at its cost: one forward pass
+    per step (e = 0, so g_sam = g); rho > 0 and a schedule take two."""
+    x, y = regression_data(n=32)
+    counts = {}
+    for name, rho in (("zero", 0.0), ("sam", 0.05),
+                      ("schedule", lambda t: 0.0 * t)):
+        model = keras.Sequential([keras.Input((5,)), _Counted(),
+                                  keras.layers.Dense(3)])
+        sam = keras_sam.SAMModel(model, rho=rho)
+        sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        sam.train_on_batch(x, y)   # builds
+        _Counted.calls = 0
+        sam.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        counts[name] = _Counted.calls
+    assert counts == {"zero": 4, "sam": 8, "schedule": 8}
+
+
 @pytest.mark.parametrize("optimizer", [
     lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
     lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
