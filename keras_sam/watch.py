@@ -77,7 +77,7 @@ def stall_message(losses: list, norms: list) -> str | None:
                 f"over epoch {epoch} ({before:.6g} -> {now:.6g})")
     return (
         f"The training loss {seen}, still where it started (epoch 1: "
-        f"{first:.4g}), while the clean gradient vanished: its mean norm "
+        f"{first:.4g}), while the clean gradient shrank: its mean norm "
         f"||g|| fell from {norms[0]:.3g} in epoch 1 to {norms[-1]:.3g}. The "
         "model has gone flat at its starting loss (a near-constant "
         "prediction), which SAM's objective favours; with Adam on "

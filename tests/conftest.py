@@ -79,6 +79,26 @@ def pytest_collection_modifyitems(config, items):
         if allowed is not None and BACKEND not in allowed:
             item.add_marker(pytest.mark.skip(
                 reason=f"runs on {', '.join(allowed)}, not {BACKEND}"))
+    _backend_suites_first_on_two_workers(config, items)
+
+
+def _backend_suites_first_on_two_workers(config, items):
+    """Under pytest-xdist, the JAX and PyTorch suites (one long test each,
+    tests/test_backends.py) start first and on different workers, so that
+    they run side by side while the TensorFlow tests fill in around them.
+    xdist's `load` scheduling hands each worker a first chunk of
+    len(items) // workers // 4 consecutive tests: one suite goes to the
+    front of the first chunk, the other to the front of the second."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    suites = [i for i in items
+              if getattr(i, "originalname", "") == "test_the_suite_passes_on"]
+    if workers < 2 or len(suites) != 2:
+        return
+    rest = [i for i in items if i not in suites]
+    chunk = max(len(items) // workers // 4, 2)
+    rest.insert(0, suites[0])
+    rest.insert(chunk, suites[1])
+    items[:] = rest
 
 
 # Where keras_sam's code lives: a DeprecationWarning raised while a frame of

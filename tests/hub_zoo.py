@@ -76,28 +76,32 @@ def _causal_lm(prefix, tokenizer_args, backbone_args):
     return build
 
 
-def _masked_lm(prefix, tokenizer_args, texts=None):
+def _masked_lm(prefix, tokenizer_args, texts=None, backbone_args=None,
+               backbone=None, task="MaskedLM"):
     """A masked LM, fed the batches its preprocessor made once: the masks
     are drawn at random each time the preprocessor runs, so raw strings
-    would train the two runs on different masks."""
+    would train the two runs on different masks. `backbone` and `task`:
+    the names after the prefix where they differ (ESM-2: "ESM2",
+    "MaskedPLM")."""
     def build(seed=0):
         m = _hub()
         keras.utils.set_random_seed(seed)
         tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
-        backbone = getattr(m, f"{prefix}Backbone")(
+        model = getattr(m, f"{backbone or prefix}Backbone")(
             vocabulary_size=tokenizer.vocabulary_size(),
-            max_sequence_length=8, dropout=0.0, **_SMALL)
-        preprocessor = getattr(m, f"{prefix}MaskedLMPreprocessor")(
+            **(backbone_args or dict(max_sequence_length=8, dropout=0.0,
+                                     **_SMALL)))
+        preprocessor = getattr(m, f"{prefix}{task}Preprocessor")(
             tokenizer, sequence_length=8, mask_selection_rate=0.5,
             mask_selection_length=4)
-        task = getattr(m, f"{prefix}MaskedLM")(backbone,
-                                               preprocessor=preprocessor)
+        lm = getattr(m, f"{backbone or prefix}{task}")(
+            model, preprocessor=preprocessor)
         keras.utils.set_random_seed(seed)
         raw = (texts or (lambda: hub_models.reviews(16, seed=1)[0]))()
         x, y, sample_weight = preprocessor(list(raw))
-        task.preprocessor = None
+        lm.preprocessor = None
         x = keras.tree.map_structure(np.asarray, x)
-        return task, x, (np.asarray(y), np.asarray(sample_weight))
+        return lm, x, (np.asarray(y), np.asarray(sample_weight))
     return build
 
 
@@ -197,6 +201,20 @@ def _esm_classifier(seed=0):
             proteins, rng.integers(0, 2, 16))
 
 
+def _esm_vocabulary():
+    return dict(vocabulary=["<pad>", "<unk>", "<cls>", "<eos>", "<mask>"]
+                + _AMINO_ACIDS)
+
+
+def _proteins(n=16, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.array([" ".join(rng.choice(_AMINO_ACIDS, 6)) for _ in range(n)])
+
+
+_ESM = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+            dropout=0.0, max_sequence_length=16)
+
+
 def _basnet(seed=0):
     return (hub_models.basnet(seed), *hub_models.masks(8, seed=1))
 
@@ -254,7 +272,16 @@ BUILDERS = {
     "DistilBertTextClassifier": _text_classifier("DistilBert", _wordpiece),
     "RobertaTextClassifier": _text_classifier("Roberta", _roberta),
     "RoformerV2TextClassifier": _roformer_classifier,
+    "RoformerV2MaskedLM": _masked_lm(
+        "RoformerV2", _wordpiece, backbone_args=dict(
+            num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+            head_size=4, dropout=0.0)),
     "ESMProteinClassifier": _esm_classifier,
+    "ESMMaskedPLM": _masked_lm("ESM", _esm_vocabulary, _proteins,
+                               backbone_args=_ESM, task="MaskedPLM"),
+    "ESM2MaskedPLM": _masked_lm("ESM", _esm_vocabulary, _proteins,
+                                backbone_args=_ESM, backbone="ESM2",
+                                task="MaskedPLM"),
     "BertMaskedLM": _masked_lm("Bert", _wordpiece),
     "DistilBertMaskedLM": _masked_lm("DistilBert", _wordpiece),
     "RobertaMaskedLM": _masked_lm(

@@ -358,7 +358,7 @@ def test_the_stall_message_says_what_the_loss_did():
     assert message([0.7, 0.6931, 0.6932], [2.0, 0.1, 0.05]).startswith(
         "The training loss rose over epoch 3 (0.6931 -> 0.6932), still "
         "where it started (epoch 1: 0.7), while the clean gradient "
-        "vanished: its mean norm ||g|| fell from 2 in epoch 1 to 0.05.")
+        "shrank: its mean norm ||g|| fell from 2 in epoch 1 to 0.05.")
     assert message([0.6931, 0.6931], [2.0, 0.1]).startswith(
         "The training loss did not change over epoch 2 (0.6931), still "
         "where it started (epoch 1: 0.6931)")
