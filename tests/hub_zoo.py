@@ -162,43 +162,30 @@ _GQA = dict(num_layers=1, num_query_heads=2, num_key_value_heads=1,
             hidden_dim=8, intermediate_dim=16)
 
 
-def _roformer_classifier(seed=0):
-    m = _hub()
-    keras.utils.set_random_seed(seed)
-    tokenizer = m.RoformerV2Tokenizer(vocabulary=_WORDPIECE)
-    backbone = m.RoformerV2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
-        num_heads=2, hidden_dim=8, intermediate_dim=16, head_size=4,
-        dropout=0.0)
-    preprocessor = m.RoformerV2TextClassifierPreprocessor(tokenizer,
-                                                          sequence_length=8)
-    return (m.RoformerV2TextClassifier(backbone, num_classes=2,
-                                       preprocessor=preprocessor),
-            *hub_models.reviews(16, seed=1))
+def _sequence_classifier(prefix, tokenizer_args, backbone_args, data,
+                         backbone=None, task="TextClassifier",
+                         sequence_length=8):
+    """A classifier of token sequences with its preprocessor, 2 classes;
+    `data(seed)` gives its raw inputs and labels."""
+    def build(seed=0):
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
+        model = getattr(m, f"{backbone or prefix}Backbone")(
+            vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
+        preprocessor = getattr(m, f"{prefix}{task}Preprocessor")(
+            tokenizer, sequence_length=sequence_length)
+        return (getattr(m, f"{prefix}{task}")(model, num_classes=2,
+                                              preprocessor=preprocessor),
+                *data(seed))
+    return build
 
 
 _AMINO_ACIDS = list("ACDEFGHIKLMNPQRSTVWY")
-
-
-def _esm_classifier(seed=0):
-    """ESMProteinClassifier on random protein sequences (space-separated
-    residues), an ESM-2 backbone."""
-    m = _hub()
-    keras.utils.set_random_seed(seed)
-    tokenizer = m.ESMTokenizer(vocabulary=["<pad>", "<unk>", "<cls>",
-                                           "<eos>", "<mask>"] + _AMINO_ACIDS)
-    backbone = m.ESM2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
-        num_heads=2, hidden_dim=8, intermediate_dim=16, dropout=0.0,
-        max_sequence_length=16)
-    preprocessor = m.ESMProteinClassifierPreprocessor(tokenizer,
-                                                      sequence_length=12)
-    rng = np.random.default_rng(seed + 1)
-    proteins = np.array([" ".join(rng.choice(_AMINO_ACIDS, 8))
-                         for _ in range(16)])
-    return (m.ESMProteinClassifier(backbone, num_classes=2,
-                                   preprocessor=preprocessor),
-            proteins, rng.integers(0, 2, 16))
+_ROFORMER = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+                 head_size=4, dropout=0.0)
+_ESM = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+            dropout=0.0, max_sequence_length=16)
 
 
 def _esm_vocabulary():
@@ -211,8 +198,12 @@ def _proteins(n=16, seed=1):
     return np.array([" ".join(rng.choice(_AMINO_ACIDS, 6)) for _ in range(n)])
 
 
-_ESM = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
-            dropout=0.0, max_sequence_length=16)
+def _labelled_proteins(seed):
+    """16 random protein sequences (space-separated residues), labels."""
+    rng = np.random.default_rng(seed + 1)
+    proteins = np.array([" ".join(rng.choice(_AMINO_ACIDS, 8))
+                         for _ in range(16)])
+    return proteins, rng.integers(0, 2, 16)
 
 
 def _basnet(seed=0):
@@ -271,12 +262,14 @@ BUILDERS = {
     "BertTextClassifier": _text_classifier("Bert", _wordpiece),
     "DistilBertTextClassifier": _text_classifier("DistilBert", _wordpiece),
     "RobertaTextClassifier": _text_classifier("Roberta", _roberta),
-    "RoformerV2TextClassifier": _roformer_classifier,
-    "RoformerV2MaskedLM": _masked_lm(
-        "RoformerV2", _wordpiece, backbone_args=dict(
-            num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
-            head_size=4, dropout=0.0)),
-    "ESMProteinClassifier": _esm_classifier,
+    "RoformerV2TextClassifier": _sequence_classifier(
+        "RoformerV2", _wordpiece, _ROFORMER,
+        lambda seed: hub_models.reviews(16, seed=1)),
+    "RoformerV2MaskedLM": _masked_lm("RoformerV2", _wordpiece,
+                                     backbone_args=_ROFORMER),
+    "ESMProteinClassifier": _sequence_classifier(
+        "ESM", _esm_vocabulary, _ESM, _labelled_proteins, backbone="ESM2",
+        task="ProteinClassifier", sequence_length=12),
     "ESMMaskedPLM": _masked_lm("ESM", _esm_vocabulary, _proteins,
                                backbone_args=_ESM, task="MaskedPLM"),
     "ESM2MaskedPLM": _masked_lm("ESM", _esm_vocabulary, _proteins,
