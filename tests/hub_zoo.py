@@ -45,20 +45,11 @@ def _hub():
 # ------------------------------------------------------------ builders
 
 def _text_classifier(prefix, tokenizer_args, backbone_args=_SMALL):
-    def build(seed=0):
-        m = _hub()
-        keras.utils.set_random_seed(seed)
-        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
-        vocabulary = tokenizer.vocabulary_size()
-        backbone = getattr(m, f"{prefix}Backbone")(
-            vocabulary_size=vocabulary, max_sequence_length=8, dropout=0.0,
-            **backbone_args)
-        preprocessor = getattr(m, f"{prefix}TextClassifierPreprocessor")(
-            tokenizer, sequence_length=8)
-        task = getattr(m, f"{prefix}TextClassifier")(
-            backbone, num_classes=2, preprocessor=preprocessor, dropout=0.0)
-        return (task, *hub_models.reviews(16, seed=1))
-    return build
+    return _sequence_classifier(
+        prefix, tokenizer_args,
+        dict(max_sequence_length=8, dropout=0.0, **backbone_args),
+        lambda seed: hub_models.reviews(16, seed=1),
+        task_args=dict(dropout=0.0))
 
 
 def _causal_lm(prefix, tokenizer_args, backbone_args):
@@ -164,7 +155,7 @@ _GQA = dict(num_layers=1, num_query_heads=2, num_key_value_heads=1,
 
 def _sequence_classifier(prefix, tokenizer_args, backbone_args, data,
                          backbone=None, task="TextClassifier",
-                         sequence_length=8):
+                         sequence_length=8, task_args=None):
     """A classifier of token sequences with its preprocessor, 2 classes;
     `data(seed)` gives its raw inputs and labels."""
     def build(seed=0):
@@ -175,9 +166,9 @@ def _sequence_classifier(prefix, tokenizer_args, backbone_args, data,
             vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
         preprocessor = getattr(m, f"{prefix}{task}Preprocessor")(
             tokenizer, sequence_length=sequence_length)
-        return (getattr(m, f"{prefix}{task}")(model, num_classes=2,
-                                              preprocessor=preprocessor),
-                *data(seed))
+        return (getattr(m, f"{prefix}{task}")(
+            model, num_classes=2, preprocessor=preprocessor,
+            **(task_args or {})), *data(seed))
     return build
 
 
