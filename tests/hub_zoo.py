@@ -52,17 +52,25 @@ def _text_classifier(prefix, tokenizer_args, backbone_args=_SMALL):
         task_args=dict(dropout=0.0))
 
 
+def _tokenized_task(prefix, tokenizer_args, backbone_args, task, seed,
+                    backbone=None, sequence_length=8, **task_args):
+    """keras_hub.models.{prefix}{task} over its backbone, with its
+    preprocessor and a tokenizer from an in-memory vocabulary."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
+    model = getattr(m, f"{backbone or prefix}Backbone")(
+        vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
+    preprocessor = getattr(m, f"{prefix}{task}Preprocessor")(
+        tokenizer, sequence_length=sequence_length)
+    return getattr(m, f"{prefix}{task}")(model, preprocessor=preprocessor,
+                                         **task_args)
+
+
 def _causal_lm(prefix, tokenizer_args, backbone_args):
     def build(seed=0):
-        m = _hub()
-        keras.utils.set_random_seed(seed)
-        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
-        backbone = getattr(m, f"{prefix}Backbone")(
-            vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
-        preprocessor = getattr(m, f"{prefix}CausalLMPreprocessor")(
-            tokenizer, sequence_length=8)
-        task = getattr(m, f"{prefix}CausalLM")(backbone,
-                                                preprocessor=preprocessor)
+        task = _tokenized_task(prefix, tokenizer_args, backbone_args,
+                               "CausalLM", seed)
         return task, hub_models.sentences(8, seed=1), None
     return build
 
@@ -159,16 +167,11 @@ def _sequence_classifier(prefix, tokenizer_args, backbone_args, data,
     """A classifier of token sequences with its preprocessor, 2 classes;
     `data(seed)` gives its raw inputs and labels."""
     def build(seed=0):
-        m = _hub()
-        keras.utils.set_random_seed(seed)
-        tokenizer = getattr(m, f"{prefix}Tokenizer")(**tokenizer_args())
-        model = getattr(m, f"{backbone or prefix}Backbone")(
-            vocabulary_size=tokenizer.vocabulary_size(), **backbone_args)
-        preprocessor = getattr(m, f"{prefix}{task}Preprocessor")(
-            tokenizer, sequence_length=sequence_length)
-        return (getattr(m, f"{prefix}{task}")(
-            model, num_classes=2, preprocessor=preprocessor,
-            **(task_args or {})), *data(seed))
+        return (_tokenized_task(prefix, tokenizer_args, backbone_args, task,
+                                seed, backbone=backbone,
+                                sequence_length=sequence_length,
+                                num_classes=2, **(task_args or {})),
+                *data(seed))
     return build
 
 
