@@ -76,7 +76,7 @@ class Result:
     finite: Any            # whether g was finite (else: skip the step)
     took_sam_step: Any     # finite and pass 2 ran
     perturbed_loss: Any    # L_B(w + e) (NaN without pass 2)
-    grad_norm: Any         # ||g|| of the perturbed variables
+    grad_norm: Any         # ||g|| of the perturbed variables (None: untracked)
     looksam: list          # LookSAM's g_v after the step ([] without)
 
 
@@ -136,11 +136,12 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
             zip(optimizer_vars, optimizer_values))):
         iteration = ops.convert_to_tensor(optimizer.iterations)
         rho = options.rho_at(iteration)
-        one = ops.ones((), "float32")
-        per_unit_loss = step.unscaled(one, optimizer)   # 1 / loss scale
+        # 1 / the loss scale, read here where the optimizer's variables
+        # hold the step's values.
+        inverse_scale = step.unscaled(ops.ones((), "float32"), optimizer)
     sam_now = (False if options.off else True if options.sam_every == 1
                else variants.is_sam_step(iteration, options.sam_every))
-    if sam_now is not True and sam_now is not False and autodiff.decide is not None:
+    if not isinstance(sam_now, bool) and autodiff.decide is not None:
         sam_now = autodiff.decide(sam_now)
     loss_at = loss_function(sam, variables, non_trainable, optimizer_values,
                             metric_values, live=autodiff.live)
@@ -251,7 +252,8 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
                   direction=list(direction), finite=finite,
                   took_sam_step=took_sam_step,
                   perturbed_loss=perturbed_loss,
-                  grad_norm=per_unit_loss * ops.mean(ops.stack(
+                  grad_norm=None if sam._gradient_norm_tracker is None
+                  else inverse_scale * ops.mean(ops.stack(
                       [ops.mean(n) for n in first["norms"]])),
                   looksam=list(new_looksam))
 
@@ -277,8 +279,7 @@ def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
     return Result(loss=loss, y_pred=y_pred, state=state, metrics=metrics,
                   direction=list(grads), finite=finite,
                   took_sam_step=ops.logical_not(ops.ones_like(finite)),
-                  perturbed_loss=loss, grad_norm=ops.zeros_like(loss),
-                  looksam=[])
+                  perturbed_loss=loss, grad_norm=None, looksam=[])
 
 
 def new_state(sam, variables: Variables, result: Result,

@@ -241,7 +241,8 @@ def train_step(sam, data):
     )
     step.track_sharpness(sam._sharpness_tracker, sharpness, took_sam_step,
                          passes.batch_size(x))
-    if ascents:   # ||g|| that e was taken from (chunks: their mean)
+    if ascents and sam._gradient_norm_tracker is not None:
+        # ||g|| that e was taken from (chunks: their mean), for the watch.
         step.track_gradient_norm(
             sam._gradient_norm_tracker,
             step.unscaled(tf.add_n([n for _, n in ascents]) / len(ascents),
