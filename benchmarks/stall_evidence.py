@@ -8,8 +8,8 @@ The warning (keras_sam/watch.py) fires at epoch 2 or 3 when the training
 loss did not go down over the epoch, is still where the first epoch left it,
 and the mean norm of the clean gradient ||g|| over the epoch fell to
 COLLAPSE of the first epoch's or less. Each case trains a SAM model for 3
-epochs (the KerasHub example's cases: a 1-epoch warm-up on 32 examples, then
-4 epochs, as `examples/finetune_kerashub.py` runs them) and the same model
+epochs (the BERT cases: a 1-epoch warm-up on 32 examples, then 4 epochs)
+and the same model
 without SAM from the same start, and prints, per epoch, both training losses
 and SAM's mean ||g||, and whether the warning fired.
 
@@ -18,8 +18,10 @@ synthetic IMDB-shaped datasets (where SAM holds the loss at ln 2 and Adam
 learns: the warning must fire), the same with ASAM (learns), the same with a
 learning rate too small to move anything (plain as flat: no warning), a tiny
 GPT-2 causal LM at KerasHub's default Adam(2e-5) (plain as flat), the
-offline BERT block of docs/guides/kerashub.md (plain as flat), and the
-KerasHub fine-tuning example's SAM runs, full and LoRA rank 4.
+offline BERT block of docs/guides/kerashub.md (plain as flat), and a
+2-layer KerasHub BERT classifier trained from random weights, full and
+LoRA rank 4 (the runs where SAM held the loss at ln 2 before the KerasHub
+example started from a pretrained preset).
 """
 
 from __future__ import annotations
@@ -83,22 +85,30 @@ def gpt2(**sam):
     return build
 
 
+def bert_classifier(vocab, sequence_length, width):
+    """A 2-layer KerasHub BERT classifier from config (random weights),
+    hidden size `width`, its tokenizer from the in-memory `vocab`."""
+    import keras_hub
+
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        keras_hub.models.BertTokenizer(vocabulary=vocab),
+        sequence_length=sequence_length)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocab), num_layers=2, num_heads=2,
+        hidden_dim=width, intermediate_dim=2 * width,
+        max_sequence_length=sequence_length)
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=preprocessor)
+
+
 def bert_block(**sam):
     """The offline block of docs/guides/kerashub.md, for 3 epochs."""
-    import keras_hub
 
     def build(with_sam):
         keras.utils.set_random_seed(0)
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-                 "a", "good", "bad", "film", "not", "really"]
-        preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-            keras_hub.models.BertTokenizer(vocabulary=vocab),
-            sequence_length=8)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=len(vocab), num_layers=2, num_heads=2,
-            hidden_dim=32, intermediate_dim=64, max_sequence_length=8)
-        classifier = keras_hub.models.BertTextClassifier(
-            backbone, num_classes=2, preprocessor=preprocessor)
+        classifier = bert_classifier(
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good",
+             "bad", "film", "not", "really"], sequence_length=8, width=32)
         texts = np.array(["a good film", "a bad film", "not good",
                           "really good", "not bad", "a really bad film"] * 8)
         labels = np.array([1, 0, 0, 1, 1, 0] * 8)
@@ -110,13 +120,49 @@ def bert_block(**sam):
     return build
 
 
-def finetune_example(lora_rank=None, **sam):
-    """examples/finetune_kerashub.py's run: warm-up, then 4 epochs."""
-    import finetune_kerashub as example
+def scratch_reviews(n: int, seed: int):
+    """Sentences of 8 words; each sentiment word counts +1 or -1, flipped
+    by a "not" just before it; the label is the sign of the sum."""
+    rng = np.random.default_rng(seed)
+    positive, negative = SCRATCH_WORDS[6:11], SCRATCH_WORDS[11:16]
+    texts, labels = [], []
+    while len(texts) < n:
+        words, score = [], 0
+        for _ in range(8):
+            kind = rng.random()
+            if kind < 0.45:
+                words.append(rng.choice(SCRATCH_WORDS[16:]))
+                continue
+            negate = rng.random() < 0.3
+            sign = 1 if kind < 0.725 else -1
+            words += (["not"] if negate else []) + [
+                rng.choice(positive if sign > 0 else negative)]
+            score += sign * (-1 if negate else 1)
+        if score:
+            texts.append(" ".join(words))
+            labels.append(int(score > 0))
+    return np.array(texts), np.array(labels)
+
+
+SCRATCH_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "not",
+                 "good", "great", "fun", "superb", "lovely",
+                 "bad", "awful", "boring", "dull", "weak",
+                 "the", "movie", "plot", "acting", "was", "and", "really",
+                 "quite"]
+
+
+def scratch_bert(lora_rank=None, **sam):
+    """A 2-layer BERT classifier from random weights (KerasHub's classes
+    built from config) on reviews whose label depends on word order:
+    a 1-epoch warm-up on 32 reviews, then 4 epochs on 2,048."""
 
     def build(with_sam):
-        x, y = example.make_reviews(2048, seed=0)
-        classifier = example.build_classifier(0, lora_rank)
+        x, y = scratch_reviews(2048, seed=0)
+        keras.utils.set_random_seed(0)
+        classifier = bert_classifier(SCRATCH_WORDS, sequence_length=16,
+                                     width=64)
+        if lora_rank:
+            classifier.backbone.enable_lora(lora_rank)
         model = keras_sam.SAMModel(classifier, **sam) if with_sam \
             else classifier
         model.compile(optimizer=keras.optimizers.Adam(
@@ -134,8 +180,8 @@ CASES = {
     "Transformer, Adam(1e-6), SAM rho=0.05": transformer(lr=1e-6, rho=0.05),
     "GPT-2 causal LM, default Adam(2e-5), SAM rho=0.05": gpt2(rho=0.05),
     "BERT block of kerashub.md (LoRA), SAM rho=0.05": bert_block(rho=0.05),
-    "finetune_kerashub.py, full, SAM rho=0.05": finetune_example(rho=0.05),
-    "finetune_kerashub.py, LoRA rank 4, SAM rho=0.05": finetune_example(
+    "BERT from random weights, full, SAM rho=0.05": scratch_bert(rho=0.05),
+    "BERT from random weights, LoRA rank 4, SAM rho=0.05": scratch_bert(
         lora_rank=4, rho=0.05),
 }
 
