@@ -2,9 +2,10 @@ import os
 import sys
 import warnings
 
-# The suite runs once per Keras backend: TensorFlow by default, JAX and
-# PyTorch in subprocesses started by tests/test_backends.py
-# (KERAS_SAM_TEST_BACKEND=jax|torch), on the tests that are not TF-only.
+# The suite runs once per Keras backend, one run each, as Keras's own CI
+# does: TensorFlow by default, JAX or PyTorch with
+# KERAS_SAM_TEST_BACKEND=jax|torch (the tests that are not TF-only).
+# .ci/run runs all three.
 BACKEND = os.environ.get("KERAS_SAM_TEST_BACKEND", "tensorflow")
 os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -79,26 +80,65 @@ def pytest_collection_modifyitems(config, items):
         if allowed is not None and BACKEND not in allowed:
             item.add_marker(pytest.mark.skip(
                 reason=f"runs on {', '.join(allowed)}, not {BACKEND}"))
-    _backend_suites_first_on_two_workers(config, items)
 
 
-def _backend_suites_first_on_two_workers(config, items):
-    """Under pytest-xdist, the JAX and PyTorch suites (one long test each,
-    tests/test_backends.py) start first and on different workers, so that
-    they run side by side while the TensorFlow tests fill in around them.
-    xdist's `load` scheduling hands each worker a first chunk of
-    len(items) // workers // 4 consecutive tests: one suite goes to the
-    front of the first chunk, the other to the front of the second."""
-    workers = getattr(config, "workerinput", {}).get("workercount", 0)
-    suites = [i for i in items
-              if getattr(i, "originalname", "") == "test_the_suite_passes_on"]
-    if workers < 2 or len(suites) != 2:
-        return
-    rest = [i for i in items if i not in suites]
-    chunk = max(len(items) // workers // 4, 2)
-    rest.insert(0, suites[0])
-    rest.insert(chunk, suites[1])
-    items[:] = rest
+NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+INSTALL = {"tensorflow": "tensorflow", "jax": "jax",
+           "torch": "torch==2.13.0 (CPU build: --index-url "
+                    "https://download.pytorch.org/whl/cpu)"}
+
+
+# Warnings, counted by the library whose line raised them. The expected
+# ones (keras_sam's own warnings) are asserted by the tests that cause
+# them; pytest's list of the rest is off (--disable-warnings in
+# pyproject.toml) and the run ends with their count in one line.
+_ORIGINS = {"keras_sam": "keras_sam", "keras_hub": "KerasHub",
+            "keras": "Keras", "tensorflow": "TensorFlow", "jax": "JAX",
+            "jaxlib": "JAX", "torch": "PyTorch", "numpy": "NumPy",
+            "tests": "the tests"}
+_WARNINGS: dict = {}
+
+
+def pytest_warning_recorded(warning_message, when, nodeid, location):
+    parts = os.path.normpath(warning_message.filename).split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:   # an installed library: the folder after it
+            parts = parts[parts.index(marker) + 1:][:1]
+    origin = next((_ORIGINS[p] for p in parts if p in _ORIGINS), "other")
+    _WARNINGS[origin] = _WARNINGS.get(origin, 0) + 1
+
+
+def installed(name: str) -> bool:
+    """Whether `import name` can work here."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):   # e.g. sys.modules[name] is None
+        return False
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line on the warnings, one on what this run covered."""
+    if _WARNINGS:
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(
+            _WARNINGS.items(), key=lambda kv: -kv[1]))
+        terminalreporter.write_line(
+            f"keras_sam: {sum(_WARNINGS.values())} warnings, by the "
+            f"library that raised them: {counts}. To list them: "
+            f"the same command with -o addopts= (pytest lists them).")
+
+    others = []
+    for name in NAMES:
+        if name == BACKEND:
+            continue
+        how = f"KERAS_SAM_TEST_BACKEND={name} python -m pytest -n 2"
+        if not installed(name):
+            how = f"not installed: pip install {INSTALL[name]}, then {how}"
+        others.append(f"{NAMES[name]} ({how})")
+    terminalreporter.write_line(
+        f"keras_sam: this run is the suite on {NAMES[BACKEND]}. Not run "
+        f"here: {'; '.join(others)}. .ci/run runs all three.")
 
 
 # Where keras_sam's code lives: a DeprecationWarning raised while a frame of

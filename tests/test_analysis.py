@@ -46,7 +46,8 @@ def test_sharpness_of_sam_model_equals_that_of_the_wrapped_model():
     x, y = regression_data()
     model = tanh_mlp()
     model.compile(loss="mse")
-    sam = keras_sam.SAMModel(model)
+    with pytest.warns(UserWarning, match="'sequential' is compiled"):
+        sam = keras_sam.SAMModel(model)
     sam.compile(optimizer="sgd", loss="mse")
     assert sharpness(sam, x, y, rho=0.1) == pytest.approx(
         sharpness(model, x, y, rho=0.1), rel=1e-6)

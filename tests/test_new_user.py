@@ -144,7 +144,8 @@ def test_weights_of_another_architecture_never_advise_skip_mismatch(tmp_path):
 def test_compiling_the_wrapped_model_says_to_compile_the_sam_model():
     model = bn_mlp()
     model.compile(optimizer="sgd", loss="mse")
-    sam = keras_sam.SAMModel(model)
+    with pytest.warns(UserWarning, match="'net' is compiled"):
+        sam = keras_sam.SAMModel(model)
     x, y = regression_data()
     with pytest.raises(ValueError, match=r"SAMModel is not compiled, but "
                        r"the model it wraps \('net'\) is.*sam_model.compile"):
