@@ -120,6 +120,18 @@ def make_reviews(n: int, seed: int, common: float = 0.5,
     return np.array(texts), np.array(labels)
 
 
+def _tokenizer():
+    return keras_hub.models.BertTokenizer(vocabulary=VOCABULARY)
+
+
+def _backbone(recipe: dict):
+    """The BERT of `recipe`, random weights."""
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=len(VOCABULARY), max_sequence_length=SEQUENCE_LENGTH,
+        **{k: recipe[k] for k in ("num_layers", "num_heads", "hidden_dim",
+                                  "intermediate_dim")})
+
+
 def pretrained_preset(cache: str | None = None, recipe: dict | None = None,
                       verbose: int = 1) -> str:
     """The folder of the pretrained masked LM's preset; built and saved with
@@ -136,16 +148,10 @@ def pretrained_preset(cache: str | None = None, recipe: dict | None = None,
         print(f"Pretraining the masked LM once, into {folder}",
               file=sys.stderr)
     keras.utils.set_random_seed(recipe["seed"])
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCABULARY)
     preprocessor = keras_hub.models.BertMaskedLMPreprocessor(
-        tokenizer, sequence_length=SEQUENCE_LENGTH,
+        _tokenizer(), sequence_length=SEQUENCE_LENGTH,
         mask_selection_rate=recipe["mask_rate"], mask_selection_length=5)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(VOCABULARY),
-        max_sequence_length=SEQUENCE_LENGTH,
-        **{k: recipe[k] for k in ("num_layers", "num_heads", "hidden_dim",
-                                  "intermediate_dim")})
-    masked_lm = keras_hub.models.BertMaskedLM(backbone,
+    masked_lm = keras_hub.models.BertMaskedLM(_backbone(recipe),
                                               preprocessor=preprocessor)
     masked_lm.compile(
         optimizer=keras.optimizers.AdamW(recipe["learning_rate"]),
@@ -168,15 +174,9 @@ def build_classifier(preset: str | None, seed: int,
     keras.utils.set_random_seed(seed)
     if preset is None:
         preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-            keras_hub.models.BertTokenizer(vocabulary=VOCABULARY),
-            sequence_length=SEQUENCE_LENGTH)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=len(VOCABULARY),
-            max_sequence_length=SEQUENCE_LENGTH,
-            **{k: PRETRAIN[k] for k in ("num_layers", "num_heads",
-                                        "hidden_dim", "intermediate_dim")})
+            _tokenizer(), sequence_length=SEQUENCE_LENGTH)
         classifier = keras_hub.models.BertTextClassifier(
-            backbone, num_classes=2, preprocessor=preprocessor)
+            _backbone(PRETRAIN), num_classes=2, preprocessor=preprocessor)
     else:
         preprocessor = keras_hub.models.TextClassifierPreprocessor \
             .from_preset(preset, sequence_length=SEQUENCE_LENGTH)
