@@ -40,6 +40,9 @@ RUNS = {
     "SAM rho=1.0": dict(rho=1.0),
     "ASAM rho=0.5": dict(rho=0.5, adaptive=True),
     "MSAM rho=0.05": dict(rho=0.05, direction="momentum"),
+    "Random e rho=0.05": dict(rho=0.05, direction="random"),
+    "Random e rho=0.2": dict(rho=0.2, direction="random"),
+    "Random e rho=0.5": dict(rho=0.5, direction="random"),
 }
 
 

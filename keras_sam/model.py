@@ -8,7 +8,8 @@ from typing import Callable, Optional
 
 import keras
 
-from keras_sam import _keras_compat, _warnings, hub, momentum, objective
+from keras_sam import (_keras_compat, _warnings, hub, momentum, noise,
+                       objective)
 from keras_sam import watch
 from keras_sam import backend as sam_backend
 from keras_sam import saving
@@ -66,7 +67,9 @@ class SAMModel(keras.Model):
                     batch gets its own e, their g_s are averaged
         perturb     which variables get e (the others still train)
         direction   "momentum": Momentum-SAM, e = -rho u / ||u|| from the
-                    optimizer's first moment u; one gradient per step
+                    optimizer's first moment u; "random": e = rho rms(w_f) z
+                    per filter, Flat-LoRA on LoRA layers; one gradient per
+                    step
 
     Args:
         model: the `keras.Model` to train. Its layers and variables are
@@ -114,6 +117,18 @@ class SAMModel(keras.Model):
             `adaptive`, `perturb` and loss scaling; not with `gsam_alpha`,
             `sam_every`, `looksam_alpha` or `num_batch_splits`. The logs
             report the loss at w + e and no sharpness.
+            "random" (`keras_sam.noise`): e drawn anew each step, each
+            entry N(0, (rho rms(w_f))^2) with rms(w_f) that of its filter
+            (a slice along the last axis), the step's only gradient taken
+            at w + e (LPF-SGD, random weight perturbation). On a layer
+            with LoRA the noise goes to the merged W + (alpha/r) A B
+            through the frozen W, none to A and B (Flat-LoRA, Li et al.,
+            2025). Flat-LoRA uses rho about 0.05 (a relative radius).
+            Composes with rho schedules, `perturb` and loss scaling; not
+            with `p`, `adaptive` or the two-gradient variants. The logs
+            report the loss at w + e and no sharpness.
+        seed: the key of direction="random"'s draws, with the iteration
+            (None: drawn from Python's `random`); saved in the config.
         **kwargs: passed to `keras.Model` (`name`, ...).
 
     Raises:
@@ -126,8 +141,9 @@ class SAMModel(keras.Model):
         ValueError: any argument out of range (a negative, NaN or
             infinite `rho`, `eta` or alpha; p <= 1; `sam_every` or
             `num_batch_splits` below 1; `looksam_alpha` without
-            `sam_every` > 1; an unknown `direction`, or "momentum" with a
-            two-gradient variant; a `perturb` that selects no variable),
+            `sam_every` > 1; an unknown `direction`, or "momentum" or
+            "random" with a variant it cannot take; a `perturb` that
+            selects no variable),
             each naming the argument, before any weight exists or changes.
 
     Example:
@@ -147,7 +163,8 @@ class SAMModel(keras.Model):
                  num_batch_splits: Optional[int] = None,
                  perturb: Optional[Callable] = None,
                  sync_perturbation: bool = False,
-                 direction: str = "gradient", **kwargs):
+                 direction: str = "gradient", seed: Optional[int] = None,
+                 **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(
                 "`model` must be a `keras.Model` (Sequential, functional or "
@@ -165,7 +182,8 @@ class SAMModel(keras.Model):
             rho=rho, p=p, adaptive=adaptive, eta=eta, gsam_alpha=gsam_alpha,
             sam_every=sam_every, looksam_alpha=looksam_alpha,
             num_batch_splits=num_batch_splits, perturb=perturb,
-            sync_perturbation=sync_perturbation, direction=direction)
+            sync_perturbation=sync_perturbation, direction=direction,
+            seed=seed)
         self._sam_train_step = sam_backend.get_train_step()
         watch.warn_about_bypassed_training(
             model, compiled=hub.compiled_by_user(model))
@@ -180,14 +198,16 @@ class SAMModel(keras.Model):
         # object (a value the caller wrote is another one), so that
         # Momentum-SAM can say when that default does not suit its optimizer.
         self._rho_left_at_default = rho is SAMModel.__init__.__defaults__[0]
-        # Momentum-SAM never evaluates L(w): no sharpness to log.
-        self._sharpness_tracker = (None if options.momentum else
+        # Momentum-SAM and a random e never evaluate L(w): no sharpness.
+        self._sharpness_tracker = (None if options.one_point else
                                    keras.metrics.Mean(name="sharpness"))
         # ||g|| per step, not logged: keras_sam.watch reads it.
         self._gradient_norm_tracker = (
-            None if options.momentum or options.off
+            None if options.one_point or options.off
             else keras.metrics.Mean(name=objective.GRADIENT_NORM))
         self.looksam_state = None
+        # The key of a random e's draws (not state: nothing is saved).
+        self.noise_seed = noise.Seed(options.seed) if options.random else None
         if model.built:
             self.built = True
             self.build_sam_state()

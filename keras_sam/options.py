@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import random
 from typing import Any, Callable, Optional, Union
 
 import keras
@@ -132,6 +133,7 @@ class SAMOptions:
     perturb: Optional[Callable] = None
     sync_perturbation: bool = False
     direction: str = "gradient"
+    seed: Optional[int] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -179,24 +181,45 @@ class SAMOptions:
                 f"{self.perturb!r}.")
         set_("sync_perturbation",
              _flag("sync_perturbation", self.sync_perturbation))
-        if self.direction not in ("gradient", "momentum"):
+        if self.direction not in ("gradient", "momentum", "random"):
             raise ValueError(
                 "`direction` must be 'gradient' (SAM: e from a first "
-                "gradient at w) or 'momentum' (Momentum-SAM: e from the "
-                "optimizer's first moment, one gradient per step); received "
-                f"direction={self.direction!r}.")
-        if self.direction == "momentum":
-            given = [f"{name}={getattr(self, name)!r}" for name, default in (
+                "gradient at w), 'momentum' (Momentum-SAM: e from the "
+                "optimizer's first moment) or 'random' (e drawn at random, "
+                "Flat-LoRA on LoRA layers; both take one gradient per step); "
+                f"received direction={self.direction!r}.")
+        if self.one_point:
+            name = ("Momentum-SAM" if self.momentum
+                    else "a random perturbation")
+            given = [f"{key}={getattr(self, key)!r}" for key, default in (
                 ("gsam_alpha", 0.0), ("sam_every", 1),
                 ("looksam_alpha", None), ("num_batch_splits", None))
-                if getattr(self, name) != default]
+                if getattr(self, key) != default]
+            if self.random:
+                given += [f"{key}={getattr(self, key)!r}" for key, default
+                          in (("p", 2.0), ("adaptive", False))
+                          if getattr(self, key) != default]
             if given:
                 raise ValueError(
-                    "`direction='momentum'` (Momentum-SAM) takes one "
-                    "gradient per step, at w + e from the momentum, so "
+                    f"`direction={self.direction!r}` ({name}) takes one "
+                    "gradient per step, at w + e, so "
                     f"{', '.join(given)} has no meaning with it: these "
-                    "variants reshape SAM's two gradients. Drop them, or "
-                    "use direction='gradient'.")
+                    "shape SAM's ball or its two gradients (a random e is "
+                    "already scaled per filter). Drop them, or use "
+                    "direction='gradient'.")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or \
+                    not isinstance(self.seed, numbers.Integral):
+                raise TypeError(
+                    "`seed` must be an integer (the key of a random e's "
+                    f"draws) or None; received {self.seed!r}.")
+            if not self.random:
+                raise ValueError(
+                    "`seed` keys the draws of direction='random' and has no "
+                    f"meaning with direction={self.direction!r}; drop it.")
+            set_("seed", int(self.seed))
+        elif self.random:   # drawn once, then saved with the config
+            set_("seed", random.randint(1, 2**30))
 
     @property
     def splits(self) -> int:
@@ -207,6 +230,17 @@ class SAMOptions:
     def momentum(self) -> bool:
         """Whether e comes from the optimizer's first moment (MSAM)."""
         return self.direction == "momentum"
+
+    @property
+    def random(self) -> bool:
+        """Whether e is drawn at random (keras_sam.noise)."""
+        return self.direction == "random"
+
+    @property
+    def one_point(self) -> bool:
+        """Whether the step's only gradient is taken at w + e (Momentum-SAM,
+        a random e): no pass at w, no sharpness to log."""
+        return self.direction in ("momentum", "random")
 
     @property
     def off(self) -> bool:

@@ -333,3 +333,90 @@ def msam_train(net, optimizer, params, batches, rho, *, p=2.0,
         losses.append(net.loss(moved, x, y))
         params = optimizer.step(params, net.grad(moved, x, y))
     return params, losses
+
+
+class LoRATanhMLP:
+    """TanhMLP whose first kernel is frozen and adapted by LoRA:
+    out = tanh(x (W1 + s A B) + b1) W2 + b2, loss = mean((out - y)^2).
+
+    Parameters are [b1, A, B, W2, b2], the order of the trainable variables
+    of that Sequential after `layers[0].enable_lora(r)` (W1 frozen, given
+    here). `loss` and `grad` take `shift`: e added to the merged W1 + s A B.
+    """
+
+    def __init__(self, w1, scale: float):
+        self.w1, self.scale = np.asarray(w1, np.float64), scale
+
+    def merged(self, params):
+        _, a, b, _, _ = params
+        return self.w1 + self.scale * a @ b
+
+    def _forward(self, params, x, shift):
+        b1, a, b, w2, b2 = params
+        h = np.tanh(x @ (self.merged(params) + shift) + b1)
+        return h, h @ w2 + b2
+
+    def loss(self, params, x, y, shift=0.0) -> float:
+        _, out = self._forward(params, x, shift)
+        return float(np.mean((out - y) ** 2))
+
+    def grad(self, params, x, y, shift=0.0):
+        _, a, b, w2, _ = params
+        h, out = self._forward(params, x, shift)
+        d_out = 2.0 * (out - y) / out.size
+        d_z = (d_out @ w2.T) * (1.0 - h**2)
+        d_merged = x.T @ d_z
+        return [d_z.sum(axis=0), self.scale * d_merged @ b.T,
+                self.scale * a.T @ d_merged, h.T @ d_out,
+                d_out.sum(axis=0)]
+
+
+def filter_rms(w):
+    """rms of each slice w[..., j] (the whole tensor for rank <= 1)."""
+    if w.ndim <= 1:
+        return np.sqrt(np.mean(w**2))
+    return np.sqrt(np.mean(w**2, axis=tuple(range(w.ndim - 1)),
+                           keepdims=True))
+
+
+def random_perturbation(weights, rho, z):
+    """e = rho rms(w_f) z_f per filter, z taken in order from the flat z."""
+    eps, start = [], 0
+    for w in weights:
+        eps.append(rho * filter_rms(w) * z[start:start + w.size].reshape(
+            w.shape))
+        start += w.size
+    return eps
+
+
+def rwp_train(net, optimizer, params, batches, rho, draws, mask=None):
+    """A random e (LPF-SGD, random weight perturbation): the only gradient
+    of a step at w + e, e = rho rms(w_f) z_f; `draws[t]` is the step's flat
+    z over the perturbed tensors in order (the library's own draws: the
+    reference checks what is done with them). Returns (params, losses)."""
+    params = [np.asarray(w, np.float64) for w in params]
+    mask = mask or [True] * len(params)
+    losses = []
+    for t, (x, y) in enumerate(batches):
+        chosen = [w for w, m in zip(params, mask) if m]
+        eps = iter(random_perturbation(chosen, rho, draws[t]))
+        moved = [w + next(eps) if m else w for w, m in zip(params, mask)]
+        losses.append(net.loss(moved, x, y))
+        params = optimizer.step(params, net.grad(moved, x, y))
+    return params, losses
+
+
+def flat_lora_train(net, optimizer, params, batches, rho, draws):
+    """Flat-LoRA: the only gradient of a step taken with e on the merged
+    W1 + s A B (rms of its filters) and on b1, W2, b2; none on A and B.
+    `draws[t]` is the flat z over b1, the merged W1, W2, b2."""
+    params = [np.asarray(w, np.float64) for w in params]
+    losses = []
+    for t, (x, y) in enumerate(batches):
+        b1, _, _, w2, b2 = params
+        e_b1, e_w1, e_w2, e_b2 = random_perturbation(
+            [b1, net.merged(params), w2, b2], rho, draws[t])
+        moved = [b1 + e_b1, params[1], params[2], w2 + e_w2, b2 + e_b2]
+        losses.append(net.loss(moved, x, y, shift=e_w1))
+        params = optimizer.step(params, net.grad(moved, x, y, shift=e_w1))
+    return params, losses

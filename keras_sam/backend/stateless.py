@@ -13,7 +13,8 @@ state; the backend file applies it (`optimizer.stateless_apply` on JAX,
     d        = g_s, or a variant's d       keras_sam.step.combine
 
 Momentum-SAM takes e from the optimizer's first moment instead of pass 1,
-and its one pass at w + e moves the state: g, s' = grad L_B(w + e; s).
+and a random e (keras_sam.noise) draws it; their one pass at w + e moves
+the state: g, s' = grad L_B(w + e; s).
 
 Both passes run `Model.__call__` and `compute_loss` inside a
 `keras.StatelessScope` that maps every variable to a value, so both see the
@@ -33,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import keras
 from keras import ops
 
-from keras_sam import momentum, objective, step, variants
+from keras_sam import momentum, noise, objective, step, variants
 from keras_sam.perturbation import global_norm
 
 
@@ -97,23 +98,27 @@ def variable_lists(sam) -> Variables:
 
 
 def loss_function(sam, variables: Variables, non_trainable, optimizer_values,
-                  metric_values, live: bool = False):
+                  metric_values, live: bool = False, frozen=()):
     """fn(w, x, y, sw) -> (scaled loss, (loss, y_pred, s', metric state)),
     the training loss (compiled loss plus `model.losses`) at weights w from
-    layer state `non_trainable`; nothing is written to any variable."""
+    layer state `non_trainable`; nothing is written to any variable.
+    `frozen`: (variable, value) pairs of non-trainable variables read as
+    that value and left in s' as they were (a random e on LoRA's W)."""
     trainable_vars, state_vars, optimizer_vars, metric_vars = variables
     fixed = []
     if not live:   # else the variables hold these values already
         fixed = list(zip(state_vars, non_trainable))
         fixed += list(zip(optimizer_vars, optimizer_values))
         fixed += list(zip(metric_vars, metric_values))
+    fixed += list(frozen)   # mapped last: these values win
+    kept = {id(v) for v, _ in frozen}
 
     def fn(trainable, x, y, sample_weight):
         mapping = list(zip(trainable_vars, trainable)) + fixed
         y_pred, loss, scaled, scope = objective.stateless_loss(
             sam, mapping, state_vars + metric_vars, x, y, sample_weight)
-        state = [_current(scope, v, s) for v, s in zip(state_vars,
-                                                       non_trainable)]
+        state = [s if id(v) in kept else _current(scope, v, s)
+                 for v, s in zip(state_vars, non_trainable)]
         metrics = [_current(scope, v, m) for v, m in zip(metric_vars,
                                                          metric_values)]
         return scaled, (ops.cast(loss, "float32"), y_pred, state, metrics)
@@ -146,8 +151,16 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
     loss_at = loss_function(sam, variables, non_trainable, optimizer_values,
                             metric_values, live=autodiff.live)
     if options.momentum and not options.off:
-        return _momentum_step(sam, variables, trainable, optimizer_values,
-                              loss_at, data, autodiff, rho, ascent_ids)
+        return _one_point_step(loss_at, _momentum_climb(
+            sam, variables, trainable, optimizer_values, autodiff, rho,
+            ascent_ids), data, autodiff, rho)
+    if options.random and not options.off:
+        climbed, frozen = _random_climb(sam, variables, trainable,
+                                        non_trainable, iteration, rho)
+        loss_at = loss_function(sam, variables, non_trainable,
+                                optimizer_values, metric_values,
+                                live=autodiff.live, frozen=frozen)
+        return _one_point_step(loss_at, climbed, data, autodiff, rho)
     own = _looksam_positions(sam, state_vars)
     stored = [non_trainable[k] for k in own[:-1]]
     stored_norm = non_trainable[own[-1]] if own else None
@@ -258,20 +271,45 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
                   looksam=list(new_looksam))
 
 
-def _momentum_step(sam, variables: Variables, trainable, optimizer_values,
-                   loss_at, data, autodiff: Autodiff, rho,
-                   ascent_ids) -> Result:
-    """Momentum-SAM: one pass at w + e, e = -rho u / ||u|| from the
-    optimizer's first moment u = sign m (keras_sam.momentum); its state
-    moves as a clean pass's would."""
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+def _momentum_climb(sam, variables: Variables, trainable, optimizer_values,
+                    autodiff: Autodiff, rho, ascent_ids) -> list:
+    """Momentum-SAM's w + e: e = -rho u / ||u|| from the optimizer's first
+    moment u = sign m (keras_sam.momentum)."""
     positions, sign = momentum.moment_positions(sam.optimizer,
                                                 variables.trainable)
     moments = [optimizer_values[positions[i]] for i in ascent_ids]
     # e = perturbation(m, -sign rho): the ball's formula with u for g.
-    climbed = step.climb(trainable, moments, ascent_ids, -sign * rho,
-                         sam.options, grad_norm=autodiff.norm(moments),
-                         add=autodiff.add)
+    return step.climb(trainable, moments, ascent_ids, -sign * rho,
+                      sam.options, grad_norm=autodiff.norm(moments),
+                      add=autodiff.add)
+
+
+def _random_climb(sam, variables: Variables, trainable, non_trainable,
+                  iteration, rho) -> tuple:
+    """A random e's w + e, and the (LoRA W, W + e) pairs of the frozen
+    weights it moves (keras_sam.noise)."""
+    targets = noise.targets(sam.model, variables.trainable,
+                            sam.perturbed_mask(variables.trainable))
+    value = {id(v): t for v, t in zip(variables.trainable, trainable)}
+    value.update({id(v): s for v, s in zip(variables.state, non_trainable)})
+    eps = noise.draw(targets, lambda v: value[id(v)], rho, sam.noise_seed,
+                     iteration)
+    where = {id(v): i for i, v in enumerate(variables.trainable)}
+    climbed, frozen = list(trainable), []
+    for t, e in zip(targets, eps):
+        if id(t.variable) in where:
+            i = where[id(t.variable)]
+            climbed[i] = climbed[i] + e
+        else:
+            frozen.append((t.variable, value[id(t.variable)] + e))
+    return climbed, frozen
+
+
+def _one_point_step(loss_at, climbed, data, autodiff: Autodiff,
+                    rho) -> Result:
+    """The step's only pass, at w + e (Momentum-SAM, a random e); its state
+    moves as a clean pass's would."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     (_, (loss, y_pred, state, metrics)), grads = autodiff.value_and_grad(
         loss_at, climbed, x, y, sample_weight)
     finite = _and(ops.isfinite(autodiff.norm(list(grads))),

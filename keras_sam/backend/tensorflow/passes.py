@@ -1,7 +1,7 @@
 """The passes of the TensorFlow step: pass 1 on the whole batch, or chunk
 by chunk for m-sharpness on one device (`num_batch_splits`), each chunk from
 the state before the step; a stateless pass at given weights (pass 2, the
-chunks); Momentum-SAM's one pass at w + e.
+chunks); the one pass at w + e of Momentum-SAM and of a random e.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_sam import momentum, objective, step, variants
+from keras_sam import momentum, noise, objective, step, variants
 from keras_sam.step import merge_states, static_chunk_bounds
 from keras_sam.backend.tensorflow import gradients
 
@@ -66,8 +66,7 @@ def stateless_pass(sam, weights, state_variables, state_values, x, y,
 def momentum_pass(sam, x, y, sample_weight, rho, perturbed_mask,
                   state_variables):
     """Momentum-SAM's only pass, at w + e with e = -rho u / ||u|| from the
-    optimizer's first moment u (keras_sam.momentum). Its layer state and
-    metric updates are kept, as a clean pass's would be. Returns (y_pred,
+    optimizer's first moment u (keras_sam.momentum). Returns (y_pred,
     loss, gradients at w + e)."""
     variables = list(sam.trainable_variables)
     optimizer = sam.optimizer
@@ -80,12 +79,43 @@ def momentum_pass(sam, x, y, sample_weight, rho, perturbed_mask,
     # e(w) = perturbation(m, -sign rho) = -rho u / ||u|| (u = sign m).
     climbed = step.climb(weights, moments, ids, -sign * rho, sam.options,
                          grad_norm=gradients.fused_norm(moments))
+    return _one_point_pass(sam, climbed, {}, state_variables, x, y,
+                           sample_weight)
+
+
+def random_pass(sam, x, y, sample_weight, rho, perturbed_mask,
+                state_variables):
+    """The only pass of a random e (keras_sam.noise), at w + e; a LoRA
+    layer's frozen W is read as W + e. Returns (y_pred, loss, gradients
+    at w + e)."""
+    variables = list(sam.trainable_variables)
+    targets = noise.targets(sam.model, variables, perturbed_mask)
+    eps = noise.draw(targets, lambda v: v.value, rho, sam.noise_seed,
+                     sam.optimizer.iterations)
+    where = {id(v): i for i, v in enumerate(variables)}
+    weights = [tf.identity(v.value) for v in variables]
+    frozen = {}
+    for t, e in zip(targets, eps):
+        if id(t.variable) in where:
+            weights[where[id(t.variable)]] += e
+        else:
+            frozen[id(t.variable)] = t.variable.value + e
+    return _one_point_pass(sam, weights, frozen, state_variables, x, y,
+                           sample_weight)
+
+
+def _one_point_pass(sam, weights, frozen, state_variables, x, y,
+                    sample_weight):
+    """The step's only pass, at `weights`, with the non-trainable variables
+    whose ids `frozen` maps read as its values. Layer state and metrics move
+    as a clean pass's would; the frozen variables keep their values."""
     written = list(state_variables) + list(sam.metrics_variables)
     y_pred, loss, grads, values = stateless_pass(
-        sam, climbed, written, [v.value for v in written], x, y,
-        sample_weight)
+        sam, weights, written,
+        [frozen.get(id(v), v.value) for v in written], x, y, sample_weight)
     for v, value in zip(written, values):
-        v.assign(value)
+        if id(v) not in frozen:
+            v.assign(value)
     return y_pred, loss, grads
 
 

@@ -26,8 +26,9 @@ pass 2 sees (`num_batch_splits` cuts the batch into chunks, each with its own
 e at the same w) and which gradient the update applies (GSAM, every-k,
 LookSAM); both are decided here, the arithmetic is theirs. Momentum-SAM
 (`direction="momentum"`) replaces both passes by one at w + e, with e from
-the optimizer's first moment (`passes.momentum_pass`); what follows, the
-skip and the update, is the same.
+the optimizer's first moment (`passes.momentum_pass`), and
+`direction="random"` by one at a random w + e (`passes.random_pass`,
+keras_sam.noise); what follows, the skip and the update, is the same.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def train_step(sam, data):
     dense = sam.jit_compile is True or options.combines_gradients
 
     # Pass 1 at w: the loss, metrics and state updates that the logs report.
-    if options.momentum:
-        # Momentum-SAM: the step's only pass, at w + e from the momentum.
-        y_pred, loss, grads = passes.momentum_pass(
+    if options.one_point:
+        # Momentum-SAM or a random e: the step's only pass, at w + e.
+        one_point = (passes.momentum_pass if options.momentum
+                     else passes.random_pass)
+        y_pred, loss, grads = one_point(
             sam, x, y, sample_weight, rho, perturbed_mask, state_variables)
         chunks = []
     elif options.splits == 1:
@@ -110,10 +113,10 @@ def train_step(sam, data):
                 "returned, at iteration", iteration, "the value", rho,
                 "; no weight was changed. Fix the schedule, e.g. clip it "
                 "with keras.ops.maximum(schedule(t), 0.0)."])
-    # Unperturbed variables (all of them under Momentum-SAM) must have a
+    # Unperturbed variables (all of them with one pass) must have a
     # finite gradient too.
     others = [grads[i] for i in live
-              if options.momentum or not perturbed_mask[i]]
+              if options.one_point or not perturbed_mask[i]]
     if others:
         checks.append(tf.math.is_finite(gradients.fused_norm(
             [getattr(g, "values", g) for g in others])))
@@ -182,7 +185,7 @@ def train_step(sam, data):
         return tf.constant(float("nan")), direction, old_directions()
 
     def update_direction():
-        if options.momentum:   # the gradient at w + e, already taken
+        if options.one_point:   # the gradient at w + e, already taken
             return tf.constant(float("nan")), [grads[i] for i in live], []
         if sam_step is True:
             return sam_update()

@@ -17,9 +17,9 @@ old values back on the device (`torch.where` against a snapshot of what the
 optimizer writes); under a LossScaleOptimizer the optimizer skips the step
 and lowers the scale itself. On the CPU, where a host read waits for
 nothing, the step reads the flag and branches instead: the snapshot and the
-selection would be pure memory traffic there. Norms and w + s g are fused over all variables
-(`torch._foreach_*`); no scalar is copied from the host during the step.
-Gradients that are None (variables the loss does not use) leave their
+selection would be pure memory traffic there. Norms and w + s g are fused
+over all variables (`torch._foreach_*`); no scalar is copied from the host
+during the step. Gradients that are None (variables the loss does not use) leave their
 variable out of the update, as Keras's own PyTorch step does.
 
 One device per process (CPU or CUDA), as Keras's PyTorch trainer; for
