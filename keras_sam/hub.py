@@ -36,6 +36,67 @@ from typing import Optional
 
 import keras
 
+from keras_sam import watch
+
+
+class DataEntry:
+    """`SAMModel`'s data methods: a KerasHub task's raw inputs go through
+    its preprocessing (`pipeline`), then Keras's own method of the SAM
+    model; `fit` also adds `keras_sam.watch.Watch` to the callbacks."""
+
+    def _entry(self):
+        feeder = pipeline(self)
+        return super() if feeder is None else feeder
+
+    def fit(self, *args, **kwargs):
+        """Keras's `fit`; a KerasHub task's raw inputs are preprocessed as
+        `task.fit` would (see `keras_sam.hub`)."""
+        feeder = pipeline(self)
+        return (self.keras_fit if feeder is None else feeder.fit)(
+            *args, **kwargs)
+
+    def keras_fit(self, *args, **kwargs):
+        """Keras's `fit` on model-ready data, with `keras_sam.watch.Watch`
+        among the callbacks: after each epoch it warns about a rho schedule
+        that went negative or non-finite, and about a loss that did not go
+        down at the start."""
+        from keras_sam import backend
+
+        arguments = _arguments(super().fit, args, kwargs)
+        arguments["callbacks"] = watch.with_watch(
+            self, arguments.get("callbacks"))
+        try:
+            return super().fit(**arguments)
+        except Exception as error:
+            clearer = backend.explain_failure(error)
+            if clearer is None:
+                raise
+            raise clearer from error
+
+    def evaluate(self, *args, **kwargs):
+        return self._entry().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        return self._entry().predict(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        return self._entry().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        return self._entry().test_on_batch(*args, **kwargs)
+
+    def predict_on_batch(self, *args, **kwargs):
+        return self._entry().predict_on_batch(*args, **kwargs)
+
+
+def _arguments(method, args, kwargs) -> dict:
+    """`method`'s arguments as keywords (its `**kwargs` spread out)."""
+    signature = inspect.signature(method)
+    arguments = signature.bind(*args, **kwargs).arguments
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return dict(arguments)
 
 
 def _pipeline_model_class():

@@ -1,10 +1,9 @@
 """What SAM minimizes and reports: the wrapped model's own objective.
 
 `SAMModel(model).fit` trains what `model.fit` trains. `sam_model.compile`
-compiles the wrapped model with the loss and metrics it is given (a KerasHub
-task resolves its "auto" defaults itself), keeps the optimizer that this
-`compile` chose, and from then on asks the wrapped model what Keras's own
-`train_step` would ask it:
+compiles the wrapped model with the loss and metrics it is given
+(keras_sam.compiling), and from then on SAM asks the wrapped model what
+Keras's own `train_step` would ask it:
 
     loss    = model.compute_loss(x, y, y_pred, sample_weight, training=True)
               its override if it has one (a distillation or contrastive
@@ -29,83 +28,11 @@ the optimizer's state is saved once, with the SAM model.
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import keras
 
-from keras_sam import _keras_compat, hub
-
 # The name of the unlogged mean of ||g|| over an epoch's steps.
 GRADIENT_NORM = "sam_gradient_norm"
-
-# `keras.Model.compile`'s arguments, in its positional order.
-_KERAS_COMPILE = tuple(inspect.signature(keras.Model.compile).parameters)[1:]
-# The ones that configure the SAM model's step rather than the objective.
-_STEP_ARGUMENTS = ("run_eagerly", "steps_per_execution", "jit_compile")
-
-
-def compile_arguments(args: tuple, kwargs: dict) -> dict:
-    """`compile`'s arguments as keywords: positional ones named as
-    `keras.Model.compile` names them, other keywords (a KerasHub task's
-    `sampler`) kept."""
-    if len(args) > len(_KERAS_COMPILE):
-        raise TypeError(
-            f"compile() takes at most {len(_KERAS_COMPILE)} positional "
-            f"arguments ({', '.join(_KERAS_COMPILE)}); received {len(args)}.")
-    named = dict(zip(_KERAS_COMPILE, args))
-    twice = sorted(set(named) & set(kwargs))
-    if twice:
-        raise TypeError(f"compile() got multiple values for {twice[0]!r}.")
-    return {**named, **kwargs}
-
-
-def compile_model(model: keras.Model, arguments: dict) -> tuple:
-    """Compile the wrapped `model` with `arguments` as its own `compile`
-    would take them, and take its optimizer over.
-
-    Returns (the optimizer to apply the updates with, as the model's compile
-    chose it: a LossScaleOptimizer where it would use one; the SAM model's
-    compile config; the step's own arguments).
-    """
-    arguments = dict(arguments)
-    step = {k: arguments.pop(k) for k in _STEP_ARGUMENTS if k in arguments}
-    if not hub.is_task(model):
-        # "auto" is a KerasHub task's word (the task resolves it in its own
-        # compile); a plain model gets Keras's defaults (rmsprop, no loss,
-        # no metrics).
-        arguments = {k: None if _is_auto(v) else v
-                     for k, v in arguments.items()}
-        if arguments.get("optimizer") is None:
-            arguments["optimizer"] = "rmsprop"
-    model.compile(**arguments)
-    optimizer = model.optimizer
-    config = _keras_compat.compile_config(model)
-    given = config.get("optimizer", optimizer)
-    # The SAM model applies the updates and saves the optimizer's state;
-    # the wrapped model keeps its objective only.
-    model.optimizer = None
-    # Saved with the SAM model's compile config; the wrapped model's own
-    # file (`sam_model.model.save`, to deploy) loads uncompiled, as before.
-    _keras_compat.forget_compile_config(model)
-    return optimizer, _sam_compile_config(config, arguments, given,
-                                          step), step
-
-
-def _sam_compile_config(config: dict, arguments: dict, optimizer,
-                        step: dict) -> dict:
-    """What the SAM model's `.keras` file compiles with on reload: the
-    wrapped model's compile `config` as its `compile` resolved it (a task's
-    "auto" loss and metrics), the optimizer as given, and the arguments
-    Keras does not keep (a task's `sampler`, `auto_scale_loss`)."""
-    resolved = {k: v for k, v in config.items()
-                if k in _KERAS_COMPILE and k not in _STEP_ARGUMENTS}
-    extra = {k: v for k, v in arguments.items()
-             if k not in resolved and k not in _STEP_ARGUMENTS}
-    return {**resolved, **extra, "optimizer": optimizer, **step}
-
-
-def _is_auto(value) -> bool:
-    return isinstance(value, str) and value == "auto"
 
 
 class Wrapped:
@@ -248,9 +175,23 @@ def overrides(model, method: str) -> bool:
     return getattr(type(model), method) is not getattr(keras.Model, method)
 
 
-def check_train_step(model) -> None:
-    """A model with its own `train_step` cannot be trained by SAM's step
-    without losing what that step does: refuse it, saying what to do."""
+def check_wrappable(model) -> None:
+    """Refuse, saying what to do, a model that SAM cannot train as its own
+    `fit` would: not a Keras model, a SAM model already, or one with its own
+    `train_step` (SAM's step would replace what that step does)."""
+    from keras_sam.model import SAMModel
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a `keras.Model` (Sequential, functional or "
+            f"subclassed); received {model!r} of type "
+            f"{type(model).__name__}. To train a single layer, wrap it: "
+            "`keras.Sequential([layer])`.")
+    if isinstance(model, SAMModel):
+        raise TypeError(
+            "`model` is already a SAMModel: wrapping it again would take "
+            "four gradients per step and perturb twice. Wrap the plain "
+            "model once: `SAMModel(sam_model.model, rho=...)`.")
     if not overrides(model, "train_step"):
         return
     raise TypeError(
@@ -265,3 +206,33 @@ def check_train_step(model) -> None:
         "and its logs into `compute_metrics` or `metrics`: SAMModel honours "
         "both, as `model.fit` does. Otherwise train that model without "
         "SAMModel.")
+
+
+class OwnObjective:
+    """`SAMModel`'s Keras hooks for what it trains and logs: each hands over
+    to the wrapped model's (overrides included), as the module says."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        return compute_loss(self, x, y, y_pred, sample_weight, training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return compute_metrics(self, x, y, y_pred, sample_weight)
+
+    @property
+    def metrics(self):
+        return metrics(self)
+
+    def reset_metrics(self):
+        reset_metrics(self)
+
+    def get_metrics_result(self):
+        return metrics_result(self, super().get_metrics_result())
+
+    # Keras's compile state is the wrapped model's: Keras's steps and
+    # builds of the SAM model read it from there (its own writes are
+    # ignored).
+    loss = Wrapped()
+    _compile_loss = Wrapped()
+    _compile_metrics = Wrapped()
+    _loss_tracker = Wrapped()

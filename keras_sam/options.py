@@ -270,6 +270,15 @@ class SAMOptions:
             raise TypeError(_schedule_needs_ops(self.rho, err)) from err
         return ops.cast(value, "float32")
 
+    def describe(self) -> str:
+        """rho and every argument not at its default, for `summary`."""
+        defaults = SAMOptions()
+        return ", ".join([f"rho={self.rho!r}"] + [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "rho" and getattr(self, f.name) != getattr(
+                defaults, f.name)])
+
     def get_config(self) -> dict:
         config = {f.name: getattr(self, f.name)
                   for f in dataclasses.fields(self)}

@@ -12,11 +12,13 @@ Three ways out of training, for three uses:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import zipfile
 
 import keras
+
+from keras_sam.weights_file import (all_or_nothing, describe_weight_mismatch,
+                                    is_plain_layout, link_plain_layout)
 
 _FORMATS = (
     "`sam_model.save('run.keras')` writes the whole SAM model (wrapped model, "
@@ -109,24 +111,6 @@ def load_model(filepath, custom_objects=None, compile=True, **kwargs):
                                    compile=compile, **kwargs)
 
 
-@contextlib.contextmanager
-def all_or_nothing(model):
-    """Every variable of `model` (weights, optimizer state, metrics) back to
-    its value before the block if the block raises: a load that fails half
-    way leaves nothing half-loaded."""
-    variables = list(model.variables)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        variables += list(optimizer.variables)
-    before = [keras.ops.copy(v.value) for v in variables]
-    try:
-        yield
-    except BaseException:
-        for v, value in zip(variables, before):
-            v.assign(value)
-        raise
-
-
 def load_weights(model, filepath, **kwargs):
     """`model.load_weights(filepath)` for any Keras model, all or nothing.
 
@@ -167,93 +151,75 @@ def load_weights(model, filepath, **kwargs):
                 model, filepath, error)) from error
 
 
-def describe_weight_mismatch(model, filepath, error: Exception) -> str:
-    """The message for weights that do not fit `model`'s architecture."""
-    ours = [f"{v.path} {tuple(v.shape)}" for v in model.weights]
-    theirs = []
-    path = os.fspath(filepath)
-    if path.endswith(".h5"):
-        try:
-            import h5py
+class Saving:
+    """`SAMModel`'s files: `.keras` to resume, the plain model's layout in
+    its weights files, and loads that are all or nothing."""
 
-            with h5py.File(path, "r") as f:
-                f.visititems(lambda name, obj: theirs.append(
-                    f"{name} {tuple(obj.shape)}")
-                    if isinstance(obj, h5py.Dataset) else None)
-        except (OSError, ImportError):
-            pass
-    lines = [
-        f"The weights in '{path}' do not fit this model: they were saved "
-        "from a different architecture (other layers, or layers of other "
-        "sizes). Load them into the model they were saved from. (Weights "
-        "of the plain model this SAMModel wraps load as they are.)",
-        f"This model has {len(ours)} weights: " + ", ".join(ours[:12])
-        + (" ..." if len(ours) > 12 else ""),
-    ]
-    if theirs:
-        lines.append(f"The file has {len(theirs)}: " + ", ".join(theirs[:12])
-                     + (" ..." if len(theirs) > 12 else ""))
-    lines.append(f"Keras said: {error}")
-    return "\n".join(lines)
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Saves the SAM model (wrapped model, `rho`, optimizer state) as a
+        `.keras` file, to resume training. `keras.saving.load_model` reads it
+        back once keras_sam is imported. To deploy, save the plain model
+        instead: `sam_model.model.save("model.keras")`; to serve,
+        `sam_model.export(dirpath)`."""
+        check_save_path(filepath)
+        return super().save(filepath, overwrite=overwrite, zipped=zipped,
+                            **kwargs)
 
+    def export(self, filepath, format="tf_saved_model", verbose=None,
+               input_signature=None, **kwargs):
+        """Exports the wrapped model for inference (a SavedModel by default).
 
-def _is_h5(path: str) -> bool:
-    return path.endswith(".weights.h5") and os.path.isfile(path)
+        SAM changes training only, so the artifact is the wrapped model's
+        and its outputs equal `sam_model.predict`; serving it needs neither
+        keras_sam nor this class.
+        """
+        return self.model.export(filepath, format=format, verbose=verbose,
+                                 input_signature=input_signature, **kwargs)
 
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights (wrapped model, optimizer, variant state).
 
-def is_plain_layout(sam, filepath) -> bool:
-    """Whether `filepath` is a weights file of the plain wrapped model
-    (`model.save_weights`) rather than of a SAMModel: it lacks the group
-    under which a SAMModel stores the model it wraps."""
-    path = os.fspath(filepath)
-    if not _is_h5(path):
-        return False
-    import h5py
+        The file also reads as the wrapped model's own weights file:
+        `plain_model.load_weights(path)` loads it, so checkpoints written
+        during SAM training (`ModelCheckpoint(save_weights_only=True)`) go
+        straight to a model without keras_sam.
+        """
+        result = super().save_weights(filepath, overwrite=overwrite,
+                                      max_shard_size=max_shard_size)
+        if max_shard_size is None:
+            link_plain_layout(self, filepath)
+        return result
 
-    from keras_sam import _keras_compat
+    def load_own_variables(self, store):
+        # A SAMModel has no variables of its own (the wrapped model and the
+        # variant state hold them); its weights files may name the wrapped
+        # model's own variables at the top (see `save_weights`).
+        if self._trainable_variables or self._non_trainable_variables:
+            super().load_own_variables(store)
 
-    key = f"layers/{_keras_compat.wrapped_model_key(sam)}"
-    with h5py.File(path, "r") as f:
-        return key not in f
-
-
-def link_plain_layout(sam, filepath) -> None:
-    """Make a SAMModel's weights file readable as the wrapped model's too.
-
-    A SAMModel's file holds the wrapped model's layers under
-    `layers/<model>/layers/...`; the plain model looks for them under
-    `layers/...`. Each of them gets a second name at the top (an HDF5 hard
-    link: no data is copied). Keras reads only the entries it looks for, so
-    either model loads the file.
-    """
-    path = os.fspath(filepath)
-    if not _is_h5(path):
-        return
-    import h5py
-
-    from keras_sam import _keras_compat
-
-    model = f"layers/{_keras_compat.wrapped_model_key(sam)}"
-    with h5py.File(path, "a") as f:
-        if model not in f:
-            return
-        # The wrapped model's own variables (a subclassed model's
-        # `add_weight`): the SAMModel has none of its own, so its empty
-        # `vars` group can name the wrapped model's instead.
-        if "vars" in f and not len(f["vars"]) and \
-                len(f[model].get("vars", ())):
-            del f["vars"]
-        _link_missing(f[model], f)
-
-
-def _link_missing(source, target) -> None:
-    """Give every entry of `source` a name in `target` where `target` has
-    none, merging groups that both have (HDF5 hard links: nothing is
-    copied)."""
-    for name, item in source.items():
-        if name not in target:
-            target[name] = item
-        elif isinstance(item, type(source)) and \
-                isinstance(target[name], type(source)) and \
-                target[name] != item:
-            _link_missing(item, target[name])
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights saved from this SAMModel, or from the plain model
+        it wraps (`model.save_weights`): pretrained weights go straight into
+        SAM fine-tuning. A file that does not fit changes nothing: every
+        variable keeps its value, and the error lists both sides."""
+        with all_or_nothing(self):
+            if is_plain_layout(self, filepath):
+                try:
+                    return self.model.load_weights(
+                        filepath, skip_mismatch=skip_mismatch, **kwargs)
+                except ValueError as error:
+                    raise ValueError(describe_weight_mismatch(
+                        self, filepath, error)) from error
+            try:
+                return super().load_weights(filepath,
+                                            skip_mismatch=skip_mismatch,
+                                            **kwargs)
+            except ValueError as error:
+                if not os.path.exists(filepath):
+                    raise
+                try:   # a plain model's file that happens to have that group
+                    return self.model.load_weights(filepath, **kwargs)
+                except ValueError:
+                    pass   # the outer block puts every variable back
+                raise ValueError(describe_weight_mismatch(
+                    self, filepath, error)) from error

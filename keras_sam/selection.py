@@ -134,6 +134,18 @@ def owning_layers(model: keras.Model) -> dict:
     return owners
 
 
+def perturbed_mask(perturb, variables, model: keras.Model) -> list:
+    """`selected`, with a clear error when `perturb` selects nothing."""
+    mask = selected(perturb, variables, model)
+    if variables and not any(mask):
+        raise ValueError(
+            f"`perturb`={perturb!r} selects none of the {len(variables)} "
+            f"trainable variables of '{model.name}', so SAM would be the "
+            "base optimizer. Pass a predicate that accepts some variables "
+            "(e.g. `lambda v: 'bias' not in v.path`), or perturb=None.")
+    return mask
+
+
 def selected(perturb, variables, model: keras.Model) -> list:
     """[bool] for each variable: whether `perturb` lets SAM perturb it."""
     if perturb is None:

@@ -6,8 +6,11 @@
     jax/, torch/  step.py (how the backend differentiates, branches and
                   writes back), analysis.py; jax/processes.py (failures
                   across processes); torch/compiled.py (jit_compile=True)
-    stateless.py  the step as a function of the model's state, shared by JAX
-                  and PyTorch
+    shared by JAX and PyTorch, the step as a function of the model's state:
+    stateless.py  the step (both passes, the variants)
+    one_point.py  the one pass of Momentum-SAM and of a random e
+    functional.py the state as values, the loss as a function of the weights
+    writeback.py  the state, the skip and the logs after a step
 """
 
 from __future__ import annotations

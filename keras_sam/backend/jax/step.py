@@ -27,7 +27,7 @@ import jax
 import keras
 from keras import ops
 
-from keras_sam.backend import stateless
+from keras_sam.backend import functional, stateless, writeback
 
 
 def _value_and_grad(fn, weights, *args):
@@ -47,7 +47,7 @@ def _map_shards(fn, shards, batch, per_shard=()):
                         *per_shard)
 
 
-AUTODIFF = stateless.Autodiff(value_and_grad=_value_and_grad,
+AUTODIFF = functional.Autodiff(value_and_grad=_value_and_grad,
                               cond=jax.lax.cond, map_shards=_map_shards)
 
 
@@ -55,14 +55,14 @@ def train_step(sam, state, data):
     """One SAM step of `sam` (a `keras_sam.SAMModel`): (logs, new state)."""
     trainable, non_trainable, optimizer_values, metric_values = state
     optimizer = sam.optimizer
-    variables = stateless.variable_lists(sam)
+    variables = functional.variable_lists(sam)
     result = stateless.sam_step(
         sam, variables, trainable, non_trainable, optimizer_values,
         metric_values, data, AUTODIFF, shards=_data_parallel_shards(data))
     direction = result.direction
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # A non-finite gradient makes the optimizer skip and lower the scale.
-        direction = stateless.mark_non_finite(direction, result.finite)
+        direction = writeback.mark_non_finite(direction, result.finite)
         new_trainable, new_optimizer = optimizer.stateless_apply(
             optimizer_values, direction, trainable)
     else:
@@ -72,9 +72,9 @@ def train_step(sam, state, data):
         new_trainable = _where(result.finite, new_trainable, trainable)
         new_optimizer = _where(result.finite, new_optimizer,
                                optimizer_values)
-    new_non_trainable = stateless.new_state(sam, variables, result,
+    new_non_trainable = writeback.new_state(sam, variables, result,
                                             non_trainable)
-    logs, metric_values = stateless.logs(sam, variables, result, trainable,
+    logs, metric_values = writeback.logs(sam, variables, result, trainable,
                                          non_trainable, metric_values, data)
     return logs, (new_trainable, new_non_trainable, new_optimizer,
                   metric_values)

@@ -95,7 +95,7 @@ def train_step(sam, data):
     ascents, checks = [], []
     for _, _, _, chunk_grads, size in chunks:
         ascent = [chunk_grads[i] for i in ascent_ids]
-        if sam.sync_perturbation:
+        if sam.options.sync_perturbation:
             ascent = replicas.sum_over_replicas(ascent)
         rows = [gradients.rows(g, densify=dense) for g in ascent]
         norm = gradients.fused_norm([v for v, _ in rows])
@@ -177,7 +177,7 @@ def train_step(sam, data):
         """No pass 2: the clean gradient, or LookSAM's g + stored g_v."""
         # ||g|| is the norm already taken when all of g is perturbed.
         known = (ascents[0][1] if len(ascent_ids) == len(live)
-                 and len(chunks) == 1 and not sam.sync_perturbation
+                 and len(chunks) == 1 and not sam.options.sync_perturbation
                  else None)
         direction = step.one_pass(
             options, [grads[i] for i in live], [v.value for v in stored],

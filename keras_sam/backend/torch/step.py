@@ -32,12 +32,12 @@ import keras
 import torch
 
 from keras_sam import _keras_compat, step
-from keras_sam.backend import stateless
+from keras_sam.backend import functional, stateless, writeback
 from keras_sam.backend.torch import compiled
 from keras_sam.perturbation import global_norm
 
 
-class _Autodiff(stateless.Autodiff):
+class _Autodiff(functional.Autodiff):
     """Autograd, with pass 2 seeing pass 1's dropout masks. Keras's
     unseeded dropout draws from torch's global generator: eagerly, it is
     rewound before every evaluation but the first, and then moves once per
@@ -125,7 +125,7 @@ def train_step(sam, data):
     optimizer = sam.optimizer
     if not optimizer.built:   # its state is snapshot and read below
         optimizer.build(sam.trainable_variables)
-    variables = stateless.variable_lists(sam)
+    variables = functional.variable_lists(sam)
     step.check_trainable(sam, variables.trainable)
     trainable, non_trainable, optimizer_values, metric_values = (
         [v.value for v in vs] for vs in variables)
@@ -139,7 +139,7 @@ def train_step(sam, data):
     direction = result.direction
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if is_lso:   # a non-finite g: the optimizer skips and lowers the scale
-        direction = stateless.mark_non_finite(direction, result.finite)
+        direction = writeback.mark_non_finite(direction, result.finite)
     pairs = [(d, v) for d, v, used in
              zip(direction, variables.trainable, autodiff.used) if used]
     written = [v for _, v in pairs]
@@ -158,7 +158,7 @@ def train_step(sam, data):
         if select:
             for v, old in zip(written, before):
                 torch.where(result.finite, v.value, old, out=v.value)
-        new_state = stateless.new_state(sam, variables, result,
+        new_state = writeback.new_state(sam, variables, result,
                                         non_trainable)
         for v, new, old in zip(variables.state, new_state, non_trainable):
             if new is old:   # only state the step wrote (BatchNorm, seeds)
@@ -167,7 +167,7 @@ def train_step(sam, data):
                 v.assign(torch.where(result.finite, new, old))
             elif apply:
                 v.assign(new)
-    logs, new_metrics = stateless.logs(sam, variables, result, trainable,
+    logs, new_metrics = writeback.logs(sam, variables, result, trainable,
                                        non_trainable, metric_values, data,
                                        live=True)
     for v, new, old in zip(variables.metrics, new_metrics, metric_values):
