@@ -13,11 +13,13 @@ example's step (5e-4 full, 3e-3 for LoRA's adapters), batch 16, 10 epochs;
 SAM wraps the same optimizer. "AdamW from random weights" trains the same
 classes built from config, without the preset: what pretraining is worth.
 With LoRA, SAM perturbs what is trained (the adapters A and B, and the
-head). Columns: mean ± standard deviation over seeds of both accuracies;
-per seed, the difference to AdamW's run on the same seed (same data, same
-head), in points; the median milliseconds per step of `fit` (the whole
-loop: the task's preprocessing included) and its ratio to AdamW's;
-TensorFlow's peak memory over the run's resident.
+head); "Random e" (`direction="random"`) puts its noise on the merged
+weights W + BA instead of A and B (Flat-LoRA). Columns: mean ± standard
+deviation over seeds of both accuracies; per seed, the difference to
+AdamW's run on the same seed (same data, same head), in points; the median
+milliseconds per step of `fit` (the whole loop: the task's preprocessing
+included) and its ratio to AdamW's; TensorFlow's peak memory over the
+run's resident.
 """
 
 from __future__ import annotations

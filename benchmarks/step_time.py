@@ -25,11 +25,11 @@ Memory: each (model, variant) runs in a fresh process with TensorFlow's BFC
 allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC=true), which counts every
 tensor it hands out, and one op at a time on one thread, which steadies the
 peak (it still moves by a few MB between runs: the input pipeline allocates
-on its own threads, and op order differs between graphs). After warm-up its peak is reset; a step's working memory
-is the peak over the timed steps minus what was allocated before them
-(weights, optimizer slots). The table gives SAM's working memory minus the
-base model's and minus the floor's, next to the size of the trainable
-weights.
+on its own threads, and op order differs between graphs). After warm-up its
+peak is reset; a step's working memory is the peak over the timed steps
+minus what was allocated before them (weights, optimizer slots). The table
+gives SAM's working memory minus the base model's and minus the floor's,
+next to the size of the trainable weights.
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ NEVER = 10**9
 VARIANT_STEPS = {
     "SAM": ({}, 0),
     "MSAM (direction=momentum)": ({"direction": "momentum", "rho": 2.0}, 0),
+    "random e (direction=random)": ({"direction": "random"}, 0),
     "p=inf": ({"p": float("inf")}, 0),
     "ASAM": ({"adaptive": True, "rho": 0.5}, 0),
     "GSAM": ({"gsam_alpha": 0.3}, 0),
