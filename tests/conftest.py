@@ -53,7 +53,7 @@ PORTABLE = {
     "test_hessian_landscape.py", "test_analysis.py", "test_new_user.py",
     "test_saving.py", "test_backends.py", "test_momentum_sam.py",
     "test_safeguards.py", "test_kerashub.py", "test_torch_compile.py",
-    "test_own_objective.py",
+    "test_own_objective.py", "test_random_direction.py",
 }
 
 

@@ -172,7 +172,7 @@ def sam_step(sam, variables: Variables, trainable, non_trainable,
     else:   # every-k and LookSAM: pass 2 on SAM steps only
         perturbed_loss, direction, new_looksam = autodiff.cond(
             sam_now, sam_branch, one_pass_branch)
-        took_sam_step = ops.logicalboth(finite, sam_now)
+        took_sam_step = ops.logical_and(finite, sam_now)
     return Result(loss=first["loss"], y_pred=first["y_pred"],
                   state=first["state"], metrics=first["metrics"],
                   direction=list(direction), finite=finite,
