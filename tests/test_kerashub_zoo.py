@@ -28,10 +28,12 @@ def test_every_task_class_is_built_or_says_why_not():
 
 # One per family not covered in test_kerashub.py: a masked LM (fed its
 # preprocessor's batches), an object detector with its own compute_loss
-# (anchor matching), a BatchNorm image classifier; the rest in
+# (anchor matching), a BatchNorm image classifier, a causal LM with a
+# SentencePiece tokenizer (a proto trained in memory); the rest in
 # benchmarks/kerashub_zoo.py.
 @pytest.mark.parametrize("name", ["BertMaskedLM", "RetinaNetObjectDetector",
-                                  "DenseNetImageClassifier"])
+                                  "DenseNetImageClassifier",
+                                  "GemmaCausalLM"])
 def test_rho_0_is_task_fit(name):
     result = hub_zoo.conformance(name)
     assert result["loss_gap"] <= 1e-6, result
