@@ -98,8 +98,8 @@ def random_perturbation(weights: Sequence, rho, noise) -> list:
         n = math.prod(w.shape)
         z = ops.reshape(noise[start:start + n], w.shape)
         start += n
-        scale = scalar_like(rho, filter_rms(w)) * filter_rms(w)
-        eps.append(ops.cast(scale * z, w.dtype))
+        rms = filter_rms(w)
+        eps.append(ops.cast(scalar_like(rho, rms) * rms * z, w.dtype))
     return eps
 
 
@@ -117,6 +117,22 @@ def draw(targets: Sequence[Target], value_of, rho, seed: Seed,
         weights.append(w)
     total = sum(math.prod(w.shape) for w in weights)
     return random_perturbation(weights, rho, seed.normal(total, iteration))
+
+
+def shift(targets: Sequence[Target], eps: Sequence, variables: Sequence,
+          weights: Sequence, value_of) -> tuple:
+    """Where each e goes: (`weights`, the values of `variables`, with e
+    added to those that are targets; [(frozen variable, W + e)] for the
+    others, the LoRA layers' W)."""
+    where = {id(v): i for i, v in enumerate(variables)}
+    moved, frozen = list(weights), []
+    for t, e in zip(targets, eps):
+        i = where.get(id(t.variable))
+        if i is None:
+            frozen.append((t.variable, value_of(t.variable) + e))
+        else:
+            moved[i] = moved[i] + e
+    return moved, frozen
 
 
 def lora_layers(model: keras.Model) -> dict:

@@ -38,15 +38,8 @@ def random_climb(sam, variables: Variables, trainable, non_trainable,
     value.update({id(v): s for v, s in zip(variables.state, non_trainable)})
     eps = noise.draw(targets, lambda v: value[id(v)], rho, sam.noise_seed,
                      iteration)
-    where = {id(v): i for i, v in enumerate(variables.trainable)}
-    climbed, frozen = list(trainable), []
-    for t, e in zip(targets, eps):
-        if id(t.variable) in where:
-            i = where[id(t.variable)]
-            climbed[i] = climbed[i] + e
-        else:
-            frozen.append((t.variable, value[id(t.variable)] + e))
-    return climbed, frozen
+    return noise.shift(targets, eps, variables.trainable, trainable,
+                       lambda v: value[id(v)])
 
 
 def one_point_step(loss_at, climbed, data, autodiff: Autodiff,

@@ -92,14 +92,10 @@ def random_pass(sam, x, y, sample_weight, rho, perturbed_mask,
     targets = noise.targets(sam.model, variables, perturbed_mask)
     eps = noise.draw(targets, lambda v: v.value, rho, sam.noise_seed,
                      sam.optimizer.iterations)
-    where = {id(v): i for i, v in enumerate(variables)}
-    weights = [tf.identity(v.value) for v in variables]
-    frozen = {}
-    for t, e in zip(targets, eps):
-        if id(t.variable) in where:
-            weights[where[id(t.variable)]] += e
-        else:
-            frozen[id(t.variable)] = t.variable.value + e
+    weights, frozen = noise.shift(
+        targets, eps, variables, [tf.identity(v.value) for v in variables],
+        lambda v: v.value)
+    frozen = {id(v): value for v, value in frozen}
     return _one_point_pass(sam, weights, frozen, state_variables, x, y,
                            sample_weight)
 
