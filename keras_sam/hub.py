@@ -15,7 +15,10 @@ result to Keras's `fit`. The task's `call` takes preprocessed tensors only.
                                 batches task.fit would have trained on
 
 and likewise `evaluate`, `predict` and the `*_on_batch` methods. A task
-whose `preprocessor` is None is fed as any Keras model is.
+whose `preprocessor` is None takes model-ready tensors, but `task.fit` still
+builds its dataset in `PipelineModel` (Keras's own `fit` makes another of
+the same arrays, and TensorFlow's graph rewrites then round some gradients
+apart), so it goes the same way.
 
 `compile` takes the task's defaults: `sam_model.compile()` sets what
 `task.compile()` would (e.g. Adam(5e-5), sparse cross-entropy from logits,
@@ -117,14 +120,13 @@ def is_task(model) -> bool:
 
 def pipeline(sam):
     """The task's preprocessing in front of `sam`'s Keras methods, or None
-    (not a KerasHub task, or a task whose `preprocessor` is None).
+    (not a KerasHub task).
 
     The returned object has the `fit`, `evaluate`, `predict` and
     `*_on_batch` methods of KerasHub's `PipelineModel`: they preprocess with
     the task's `preprocess_samples` and then call Keras's method of `sam`.
     """
-    task = sam.model
-    if not is_task(task) or getattr(task, "preprocessor", True) is None:
+    if not is_task(sam.model):
         return None
     feeder = object.__new__(_feeder_class())
     object.__setattr__(feeder, "sam", sam)

@@ -382,6 +382,84 @@ def _seq2seq(seed=0):
     return hub_models.seq2seq_lm(seed), hub_models.pairs(8, seed=1), None
 
 
+def _token_ids(seed, n=8, length=8, vocabulary=16):
+    """(inputs, targets) of next-token prediction: random ids, shifted."""
+    ids = np.random.default_rng(seed).integers(1, vocabulary,
+                                               size=(n, length + 1))
+    return ids[:, :-1].astype("int32"), ids[:, 1:].astype("int32")
+
+
+def _rwkv7(seed=0):
+    """RWKV7CausalLM fed token ids (KerasHub ships its preprocessor but
+    no offline tokenizer vocabulary format of its own to build here)."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.RWKV7Backbone(hidden_size=16, head_size=8, num_layers=1,
+                               vocabulary_size=16, intermediate_dim=32,
+                               gate_lora=4, mv_lora=4, aaa_lora=4,
+                               decay_lora=4)
+    ids, targets = _token_ids(1)
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    return (m.RWKV7CausalLM(backbone, preprocessor=None), x,
+            (targets, np.ones(targets.shape, "float32")))
+
+
+def _edrec(seed=0):
+    """EdRecSeq2SeqLM (no preprocessor class in KerasHub): token ids."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.EdRecBackbone(vocab_size=16, num_layers_enc=1,
+                               num_layers_dec=1, hidden_dim=8,
+                               intermediate_dim=16, num_heads=2)
+    ids, targets = _token_ids(1)
+    encoder_ids, _ = _token_ids(2)
+    mask = np.ones(ids.shape, bool)
+    x = {"encoder_token_ids": encoder_ids, "decoder_token_ids": ids,
+         "encoder_padding_mask": mask, "decoder_padding_mask": mask}
+    return (m.EdRecSeq2SeqLM(backbone, preprocessor=None), x,
+            (targets, np.ones(targets.shape, "float32")))
+
+
+def _t5gemma(seed=0):
+    """T5GemmaSeq2SeqLM over a, b, c (a SentencePiece proto)."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    tokenizer = m.T5GemmaTokenizer(**_spm(bos="<bos>", eos="<eos>")())
+    side = dict(hidden_dim=8, intermediate_dim=16, num_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                layer_types=["full_attention"])
+    backbone = m.T5GemmaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        **{f"{part}_{k}": v for part in ("encoder", "decoder")
+           for k, v in side.items()})
+    task = m.T5GemmaSeq2SeqLM(
+        backbone, preprocessor=m.T5GemmaSeq2SeqLMPreprocessor(
+            tokenizer, encoder_sequence_length=8, decoder_sequence_length=8))
+    return task, hub_models.pairs(8, seed=1), None
+
+
+def _depth_anything(seed=0):
+    """DepthAnythingDepthEstimator (metric depth up to 2, its own
+    scale-invariant log loss) over a DINOv2 of 16 x 16 images."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    encoder = m.DINOV2Backbone(
+        patch_size=4, num_layers=2, hidden_dim=8, num_heads=2,
+        intermediate_dim=16, image_shape=(16, 16, 3),
+        position_embedding_shape=(16, 16))
+    backbone = m.DepthAnythingBackbone(
+        image_encoder=encoder, reassemble_factors=[2, 1],
+        neck_hidden_dims=[4, 8], fusion_hidden_dim=8, head_hidden_dim=4,
+        head_in_index=-1, feature_keys=["stage1", "stage2"])
+    task = m.DepthAnythingDepthEstimator(
+        backbone, depth_estimation_type="metric", max_depth=2.0,
+        preprocessor=None)
+    rng = np.random.default_rng(seed + 1)
+    images = rng.uniform(size=(8, 16, 16, 3)).astype("float32")
+    depths = rng.uniform(0.1, 1.0, size=(8, 16, 16, 1)).astype("float32")
+    return task, images, {"depths": depths}
+
+
 _DECODER = dict(max_sequence_length=8, dropout=0.0, **_SMALL)
 
 BUILDERS = {
@@ -522,6 +600,40 @@ BUILDERS = {
         "SwinTransformer", dict(image_shape=(16, 16, 3), embed_dim=8,
                                 depths=[1], num_heads=[2], window_size=2,
                                 patch_size=4, drop_path=0.0)),
+    "CSPNetImageClassifier": _image_classifier("CSPNet", dict(
+        stem_filters=8, stem_kernel_size=3, stem_strides=2,
+        stackwise_depth=[1], stackwise_strides=[2],
+        stackwise_num_filters=[8], block_type="dark_block",
+        stage_type="csp", expand_ratio=[2.0], bottle_ratio=[0.5],
+        block_ratio=[1.0], image_shape=(16, 16, 3))),
+    "EfficientNetImageClassifier": _image_classifier("EfficientNet", dict(
+        stackwise_width_coefficients=[1.0],
+        stackwise_depth_coefficients=[1.0], stackwise_kernel_sizes=[3],
+        stackwise_num_repeats=[1], stackwise_input_filters=[8],
+        stackwise_output_filters=[8], stackwise_expansion_ratios=[1],
+        stackwise_squeeze_and_excite_ratios=[0.25], stackwise_strides=[1],
+        stackwise_block_types=["unfused"], stackwise_force_input_filters=[0],
+        stackwise_nores_option=[False], num_features=16, dropout=0.0,
+        input_shape=(16, 16, 3))),
+    "MobileNetImageClassifier": _image_classifier("MobileNet", dict(
+        stackwise_expansion=[[1]], stackwise_num_blocks=[1],
+        stackwise_num_filters=[[8]], stackwise_kernel_size=[[3]],
+        stackwise_num_strides=[[1]], stackwise_se_ratio=[[0.25]],
+        stackwise_activation=[["relu"]], stackwise_padding=[[1]],
+        output_num_filters=16, depthwise_filters=8, depthwise_stride=2,
+        depthwise_residual=False, last_layer_filter=16, input_num_filters=8,
+        image_shape=(16, 16, 3))),
+    "HGNetV2ImageClassifier": _image_classifier("HGNetV2", dict(
+        depths=[1], embedding_size=8, hidden_sizes=[16],
+        stem_channels=[3, 8, 8], hidden_act="relu",
+        use_learnable_affine_block=False,
+        stackwise_stage_filters=[[8, 8, 16, 1, 1, 3]],
+        apply_downsample=[False], use_lightweight_conv_block=[False],
+        image_shape=(16, 16, 3))),
+    "RWKV7CausalLM": _rwkv7,
+    "EdRecSeq2SeqLM": _edrec,
+    "T5GemmaSeq2SeqLM": _t5gemma,
+    "DepthAnythingDepthEstimator": _depth_anything,
     "BASNetImageSegmenter": _basnet,
     "DeepLabV3ImageSegmenter": _deeplab,
     "RetinaNetObjectDetector": _retinanet,

@@ -111,10 +111,13 @@ def test_all_zero_gradient_gives_no_perturbation_and_no_nan():
     assert int(sam.optimizer.iterations) == 3
 
 
+@pytest.mark.parametrize("rho", [0.05, 0.0])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_non_finite_gradient_skips_the_step(optimizer):
+def test_non_finite_gradient_skips_the_step(optimizer, rho):
+    """Weights and the optimizer's state as before the step; at rho = 0
+    (Keras's own step on TensorFlow) the step is rolled back."""
     model = tanh_mlp(seed=5)
-    sam = keras_sam.SAMModel(model, rho=0.05)
+    sam = keras_sam.SAMModel(model, rho=rho)
     sam.compile(optimizer=optimizer, loss="mse")
     x, y = regression_data()
     sam.train_on_batch(x, y)

@@ -28,11 +28,13 @@ def test_every_task_class_is_built_or_says_why_not():
 
 # One per family not covered in test_kerashub.py: a masked LM (fed its
 # preprocessor's batches), an object detector with its own compute_loss
-# (anchor matching), a BatchNorm image classifier, a causal LM with a
+# (anchor matching), a BatchNorm image classifier (MobileNet: under Adam a
+# second pass at e = 0 showed, as its gradient rounds apart from pass 1's;
+# a constant rho = 0 takes none), a causal LM with a
 # SentencePiece tokenizer (a proto trained in memory); the rest in
 # benchmarks/kerashub_zoo.py.
 @pytest.mark.parametrize("name", ["BertMaskedLM", "RetinaNetObjectDetector",
-                                  "DenseNetImageClassifier",
+                                  "MobileNetImageClassifier",
                                   "GemmaCausalLM"])
 def test_rho_0_is_task_fit(name):
     result = hub_zoo.conformance(name)

@@ -1,5 +1,6 @@
 """TensorFlow's replicas in the SAM step: agreeing on skips and overflows,
-all-reduces, and the conditional update under `merge_call` strategies.
+all-reduces, the conditional update under `merge_call` strategies, and the
+update that is rolled back when it leaves a non-finite weight (rho = 0).
 
 On one replica every function here is the identity (or the plain check), so
 the single-device step compiles as if they were not there.
@@ -117,3 +118,23 @@ def all_finite(grads) -> tf.Tensor:
         for g in grads
     ]
     return tf.reduce_all(tf.stack(checks))
+
+
+def apply_or_roll_back(optimizer, grads, variables) -> None:
+    """`optimizer.apply(grads, variables)` as Keras's own step calls it (the
+    gradient read by the update alone), then undone where it left a
+    non-finite weight: the variables and the optimizer's own go back to
+    their values before the step, on every replica alike. The step keeps
+    one copy of them while it runs."""
+    state = list(variables) + list(optimizer.variables)
+    before = [tf.identity(v.value) for v in state]
+    optimizer.apply(grads, variables)
+    finite = all_replicas(tf.reduce_all(tf.stack(
+        [tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])))
+
+    def roll_back():
+        for v, old in zip(state, before):
+            v.assign(old)
+        return tf.constant(False)
+
+    tf.cond(finite, lambda: tf.constant(True), roll_back)

@@ -17,9 +17,9 @@ Pass 2 sees the same seeds as pass 1, so both passes draw the same dropout
 masks: pass 2 evaluates the very same stochastic loss at w + e.
 
 A non-finite ||g|| (NaN or inf anywhere in g) skips pass 2 and the update.
-Pass 2 and the update share one branch of that conditional, so the update's
-arithmetic compiles exactly as in Keras's own `train_step` (rho = 0 is the
-base optimizer bit for bit).
+A constant rho = 0 is Keras's own step (no norm, no conditional: the graph
+rewrites then round g as in Keras's, bit for bit), rolled back if it leaves
+a non-finite weight.
 
 The variants (keras_sam.variants) change two things only: how many batches
 pass 2 sees (`num_batch_splits` cuts the batch into chunks, each with its own
@@ -66,11 +66,14 @@ def train_step(sam, data):
     dense = sam.jit_compile is True or options.combines_gradients
 
     # Pass 1 at w: the loss, metrics and state updates that the logs report.
-    if options.one_point:
+    # rho = 0 (a constant): e = 0 and g_sam = g, so the step is the base
+    # optimizer's, taken from pass 1 alone.
+    one_point = options.one_point and not options.off
+    if one_point:
         # Momentum-SAM or a random e: the step's only pass, at w + e.
-        one_point = (passes.momentum_pass if options.momentum
-                     else passes.random_pass)
-        y_pred, loss, grads = one_point(
+        climb = (passes.momentum_pass if options.momentum
+                 else passes.random_pass)
+        y_pred, loss, grads = climb(
             sam, x, y, sample_weight, rho, perturbed_mask, state_variables)
         chunks = []
     elif options.splits == 1:
@@ -86,6 +89,19 @@ def train_step(sam, data):
     )
     live = [i for i, g in enumerate(grads) if g is not None]
     live_variables = [variables[i] for i in live]
+    if options.off and options.splits == 1 and not replicas.needs_merge_call():
+        # rho = 0: Keras's own step. The gradient goes to the update and
+        # nowhere else, as in Keras's train_step, so TensorFlow's graph
+        # rewrites round it alike (a norm of it, or a conditional around the
+        # update, made some graphs differ in the last bits). A step that
+        # leaves a non-finite weight is rolled back (a LossScaleOptimizer
+        # skips it itself).
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer.apply([grads[i] for i in live], live_variables)
+        else:
+            replicas.apply_or_roll_back(optimizer, [grads[i] for i in live],
+                                        live_variables)
+        return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     ascent_ids = [i for i in live if perturbed_mask[i]]
     if dense:
         grads = gradients.densify(grads)
@@ -116,13 +132,13 @@ def train_step(sam, data):
     # Unperturbed variables (all of them with one pass) must have a
     # finite gradient too.
     others = [grads[i] for i in live
-              if options.one_point or not perturbed_mask[i]]
+              if one_point or not perturbed_mask[i]]
     if others:
         checks.append(tf.math.is_finite(gradients.fused_norm(
             [getattr(g, "values", g) for g in others])))
     finite = replicas.all_replicas(functools.reduce(tf.logical_and, checks))
-    sam_step = (True if options.sam_every == 1 else
-                variants.is_sam_step(iteration, options.sam_every))
+    sam_step = (False if options.off else True if options.sam_every == 1
+                else variants.is_sam_step(iteration, options.sam_every))
 
     is_lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     looksam = options.looksam_alpha is not None
@@ -185,10 +201,12 @@ def train_step(sam, data):
         return tf.constant(float("nan")), direction, old_directions()
 
     def update_direction():
-        if options.one_point:   # the gradient at w + e, already taken
+        if one_point:   # the gradient at w + e, already taken
             return tf.constant(float("nan")), [grads[i] for i in live], []
         if sam_step is True:
             return sam_update()
+        if sam_step is False:
+            return one_pass_update()
         return tf.cond(sam_step, sam_update, one_pass_update)
 
     def apply(direction):
