@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 import keras_sam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import bench  # noqa: E402
 from examples.mnist1d_sam import (compile_sgd, flip_labels,  # noqa: E402
                                   load_mnist1d, make_mlp, make_model)
 
@@ -163,23 +164,23 @@ def report(meta, results):
         base_runs = base["runs"] if base else None
         base_time = np.mean([r["seconds"] for r in base_runs]) \
             if base_runs else float("nan")
-        print(f"\n{key}\n")
-        print("| optimizer | chosen on validation | test acc | sharpness | "
-              "time / SGD | seeds won vs SGD | ran |")
-        print("|---|---|---|---|---|---|---|")
+        rows = []
         for name, entry in variants.items():
             runs = entry["runs"]
             acc = np.array([r["test_acc"] for r in runs])
-            sharp = np.array([r["sharpness"] for r in runs])
-            rel = _relative_time(entry, base_time)
             won = "" if name == "SGD" or not base_runs else "{}/{}".format(
                 sum(a > b["test_acc"] for a, b in zip(acc, base_runs)),
                 len(runs))
-            chosen = ", ".join(f"{k}={v:g}" for k, v in
-                               runs[0]["chosen"].items())
-            print(f"| {name} | {chosen} | {acc.mean():.4f} +- {acc.std():.4f} "
-                  f"| {sharp.mean():.4f} | {rel:.2f} | {won} | "
-                  f"{entry.get('ran', 'earlier run')} |")
+            rows.append([
+                name, ", ".join(f"{k}={v:g}" for k, v in
+                                runs[0]["chosen"].items()),
+                f"{acc.mean():.4f} +- {acc.std():.4f}",
+                f"{np.mean([r['sharpness'] for r in runs]):.4f}",
+                f"{_relative_time(entry, base_time):.2f}", won,
+                entry.get("ran", "earlier run")])
+        bench.table(["optimizer", "chosen on validation", "test acc",
+                       "sharpness", "time / SGD", "seeds won vs SGD", "ran"],
+                      rows, caption=key)
     plot(results)
 
 

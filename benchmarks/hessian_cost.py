@@ -20,27 +20,17 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import bench  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from examples.mnist1d_sam import load_mnist1d, make_mlp  # noqa: E402
 from keras_sam import analysis  # noqa: E402
 from keras_sam.backend.tensorflow.analysis import ModelFunctions  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.step_time import DEFAULT_MODELS, MODELS  # noqa: E402
-from examples.mnist1d_sam import load_mnist1d, make_mlp  # noqa: E402
-
-
-def _timed(fn, repeats):
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    tf.nest.map_structure(lambda t: t.numpy(), out)
-    return (time.perf_counter() - start) / repeats
+from step_time import DEFAULT_MODELS, MODELS  # noqa: E402
 
 
 def hvp_over_gradient(name, rounds, seconds):
@@ -52,18 +42,17 @@ def hvp_over_gradient(name, rounds, seconds):
     w = fns.weights()
     v = [tf.random.normal(t.shape, dtype=t.dtype) for t in w]
     x, y = tf.constant(x), tf.constant(y)
-    grad = lambda: fns.gradient(w, x, y, None)[1]  # noqa: E731
-    hvp = lambda: fns.hvp(w, v, x, y, None)[1]  # noqa: E731
-    _timed(grad, 3), _timed(hvp, 3)   # trace and warm up
-    repeats = max(3, int(seconds / _timed(hvp, 3)))
-    ratios, g_times, h_times = [], [], []
-    for r in range(rounds):
-        pair = (grad, hvp) if r % 2 == 0 else (hvp, grad)
-        t = [_timed(f, repeats) for f in pair]
-        g, h = (t[0], t[1]) if r % 2 == 0 else (t[1], t[0])
-        g_times.append(g), h_times.append(h), ratios.append(h / g)
-    return (1e3 * np.median(g_times), 1e3 * np.median(h_times),
-            float(np.median(ratios)))
+    sync = lambda out: tf.nest.map_structure(lambda t: t.numpy(), out)  # noqa
+    runs = {"gradient": bench.timed(
+                lambda: fns.gradient(w, x, y, None)[1], sync),
+            "hvp": bench.timed(lambda: fns.hvp(w, v, x, y, None)[1], sync)}
+    for run in runs.values():
+        run(3)   # trace and warm up
+    t = bench.alternate(runs, rounds,
+                          bench.steps_for(runs["hvp"], seconds, probe=3,
+                                            multiple=3))
+    return (bench.ms(t["gradient"]), bench.ms(t["hvp"]),
+            bench.ratio(t, "hvp", "gradient"))
 
 
 def eigenvalue_time():
@@ -84,15 +73,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     rounds, seconds = (3, 0.5) if args.quick else (9, 1.5)
-    print(f"\nTensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPU cores; median of {rounds} alternating "
-          "rounds\n")
-    print("| model | gradient ms | Hessian-vector product ms | HVP / "
-          "gradient |")
-    print("|---|---|---|---|")
+    rows = []
     for name in DEFAULT_MODELS:   # the KerasHub rows take dict inputs
         g, h, ratio = hvp_over_gradient(name, rounds, seconds)
-        print(f"| {name} | {g:.2f} | {h:.2f} | {ratio:.2f} |", flush=True)
+        rows.append([name, f"{g:.2f}", f"{h:.2f}", f"{ratio:.2f}"])
+    bench.table(["model", "gradient ms", "Hessian-vector product ms",
+                   "HVP / gradient"], rows,
+                  caption=f"{bench.device()}; median of {rounds} "
+                  "alternating rounds")
     seconds, top = eigenvalue_time()
     print(f"\nhessian_eigenvalues(k=1, tol=1e-3) of the MNIST-1D MLP "
           f"(after 5 epochs of SGD) on 2000 signals: {seconds:.1f} s, "

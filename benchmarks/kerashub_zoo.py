@@ -23,10 +23,12 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import keras  # noqa: E402
 
+import bench  # noqa: E402
 import hub_zoo  # noqa: E402
 
 
@@ -57,40 +59,37 @@ def main(argv=None) -> None:
         rows.append((name, result, time.perf_counter() - start))
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
 
-    print(f"\nSAMModel(task, rho=0).fit against task.fit, "
-          f"{keras.backend.backend()}, keras-hub "
-          f"{__import__('keras_hub').__version__}: the largest relative gap "
-          "in the epoch losses, the weights and predict; whether the logs "
-          "are task.fit's plus sharpness; one step at rho = 0.05.\n")
-    print("| task class | own compute_loss | loss gap | weight gap | "
-          "predict gap | logs | rho=0.05 step | verdict |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = []
     for name, r, _ in rows:
         own = "yes" if hub_zoo.own_compute_loss(name) else ""
         if "error" in r:
-            print(f"| {name} | {own} | | | | | | error: {r['error']} |")
+            table.append([name, own, "", "", "", "", "",
+                          f"error: {r['error']}"])
             continue
         same_loss = r["loss_gap"] <= 1e-6 and r["same_logs"]
         works = r["step_finite"] and r["moved"] > 0
-        if same_loss and works and r["weight_gap"] <= 1e-6:
-            verdict = "conformant"
-        elif same_loss and works:
-            verdict = "same loss and logs; weights apart (see below)"
-        else:
-            verdict = "DIFFERS"
+        verdict = ("DIFFERS" if not (same_loss and works) else "conformant"
+                   if r["weight_gap"] <= 1e-6 else
+                   "same loss and logs; weights apart (see below)")
         step = (f"finite, moves {r['moved']:.1e}" if r["step_finite"]
                 else "NOT finite")
-        print(f"| {name} | {own} | {_gap(r['loss_gap'])} | "
-              f"{_gap(r['weight_gap'])} | {_gap(r['predict_gap'])} | "
-              f"{'same' if r['same_logs'] else 'DIFFER'} | {step} | "
-              f"{verdict} |")
-    print(f"\n{len(rows)} task classes built and compared, "
-          f"{len(skipped)} not built:\n")
-    print("| task class | own compute_loss | why not built |")
-    print("|---|---|---|")
-    for name, why in skipped:
-        own = "yes" if hub_zoo.own_compute_loss(name) else ""
-        print(f"| {name} | {own} | {why} |")
+        table.append([name, own, _gap(r["loss_gap"]), _gap(r["weight_gap"]),
+                      _gap(r["predict_gap"]),
+                      "same" if r["same_logs"] else "DIFFER", step, verdict])
+    bench.table(
+        ["task class", "own compute_loss", "loss gap", "weight gap",
+         "predict gap", "logs", "rho=0.05 step", "verdict"], table,
+        caption=f"SAMModel(task, rho=0).fit against task.fit, "
+        f"{keras.backend.backend()}, keras-hub "
+        f"{__import__('keras_hub').__version__}: the largest relative gap "
+        "in the epoch losses, the weights and predict; whether the logs "
+        "are task.fit's plus sharpness; one step at rho = 0.05.")
+    bench.table(
+        ["task class", "own compute_loss", "why not built"],
+        [[name, "yes" if hub_zoo.own_compute_loss(name) else "", why]
+         for name, why in skipped],
+        caption=f"{len(rows)} task classes built and compared, "
+        f"{len(skipped)} not built:")
 
 
 if __name__ == "__main__":

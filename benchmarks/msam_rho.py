@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 
 import keras_sam  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import bench  # noqa: E402
 from examples.mnist1d_sam import load_mnist1d, make_mlp  # noqa: E402
 
 RHOS = [0.0, 0.01, 0.05, 0.3, 1.0, 2.0, 3.0]   # 0: the base optimizer
@@ -74,27 +76,21 @@ def main(argv=None):
     (x, y), _ = load_mnist1d()
     data = (x[800:], y[800:]), (x[:800], y[:800])
     steps = args.epochs * int(np.ceil(len(data[0][0]) / 100))
-    chance = np.log(10)
-    rows = {}
+    rows = []
     for name, make in optimizers(steps).items():
         for rho in args.rhos:
-            runs = [train(make, rho, data, seed, args.epochs)
-                    for seed in range(args.seeds)]
-            rows[name, rho] = runs
+            loss, acc = np.array([train(make, rho, data, seed, args.epochs)
+                                  for seed in range(args.seeds)]).T
+            rows.append([
+                name, f"{rho:g}" if rho else "0 (base optimizer)",
+                f"{acc.mean():.4f} +- {acc.std():.4f}", f"{loss.mean():.4f}",
+                f"{int(np.sum(loss > 0.98 * np.log(10)))}/{len(loss)}"])
             print(f"measured {name}, rho={rho:g}", file=sys.stderr)
     print(f"\nMNIST-1D MLP, clean labels, {args.epochs} epochs, batch 100, "
           f"seeds 0..{args.seeds - 1}; Keras {keras.__version__} "
           f"({keras.backend.backend()})")
-    print("| optimizer | MSAM rho | val acc | final train loss | at chance |")
-    print("|---|---|---|---|---|")
-    for (name, rho), runs in rows.items():
-        loss = np.array([r[0] for r in runs])
-        acc = np.array([r[1] for r in runs])
-        label = f"{rho:g}" if rho else "0 (base optimizer)"
-        print(f"| {name} | {label} | {acc.mean():.4f} +- {acc.std():.4f} | "
-              f"{loss.mean():.4f} | "
-              f"{int(np.sum(loss > 0.98 * chance))}/{len(runs)} |",
-              flush=True)
+    bench.table(["optimizer", "MSAM rho", "val acc", "final train loss",
+                   "at chance"], rows)
     return rows
 
 

@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"),
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench  # noqa: E402
 import keras_sam  # noqa: E402
 from keras_sam import watch  # noqa: E402
 
@@ -209,22 +210,23 @@ def main():
           f"{watch.LEFT:.0%} of epoch 1's, fell by less than "
           f"{watch.STALL:.1%} over the epoch, and the mean ||g|| fell to "
           f"{watch.COLLAPSE} of epoch 1's or less (epochs 2 and 3). "
-          "TensorFlow, CPU:\n")
-    print("| case | SAM loss per epoch | plain loss per epoch | SAM mean "
-          "||g|| per epoch | ||g|| / epoch 1's | warned |")
-    print("|---|---|---|---|---|---|")
+          "TensorFlow, CPU:")
+    rows = []
     for name, build in CASES.items():
         if args.only and not any(w.lower() in name.lower()
                                  for w in args.only):
             continue
         losses, norms, warned = train(build, with_sam=True)
         plain, _, _ = train(build, with_sam=False)
-        ratios = [n / norms[0] for n in norms[1:3]]
-        print(f"| {name} | " + " / ".join(f"{v:.4f}" for v in losses)
-              + " | " + " / ".join(f"{v:.4f}" for v in plain)
-              + " | " + " / ".join(f"{v:.3g}" for v in norms)
-              + " | " + ", ".join(f"{r:.2f}" for r in ratios)
-              + f" | {'yes' if warned else 'no'} |", flush=True)
+        rows.append([name, " / ".join(f"{v:.4f}" for v in losses),
+                     " / ".join(f"{v:.4f}" for v in plain),
+                     " / ".join(f"{v:.3g}" for v in norms),
+                     ", ".join(f"{n / norms[0]:.2f}" for n in norms[1:3]),
+                     "yes" if warned else "no"])
+        print(f"measured {name}", file=sys.stderr, flush=True)
+    bench.table(["case", "SAM loss per epoch", "plain loss per epoch",
+                   "SAM mean ||g|| per epoch", "||g|| / epoch 1's",
+                   "warned"], rows)
 
 
 if __name__ == "__main__":

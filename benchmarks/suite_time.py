@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^([\d.]+)s (?:setup|call|teardown)\s+tests/([^:]+)::")
 SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", re.M)
@@ -63,21 +65,20 @@ def main(argv=None):
                 files.setdefault((backend, name), []).append(seconds)
             print(f"done: {backend} run {run + 1}: {wall:.0f} s",
                   file=sys.stderr, flush=True)
-    print(f"\n`python -m pytest -n 2` per backend run, {os.cpu_count()} CPU "
-          f"cores, median of {args.runs} run(s); wall time:\n")
-    print("| run | tests | wall (median) | each run |")
-    print("|---|---|---|---|")
-    for backend in args.backends:
-        each = ", ".join(f"{w:.0f}" for w in walls[backend])
-        print(f"| KERAS_SAM_TEST_BACKEND={backend} | {counts[backend]} | "
-              f"{np.median(walls[backend]):.0f} s | {each} |")
-    print("\nSeconds of work per test file (setup + call + teardown, both "
-          "workers), median over the runs:\n")
-    print("| run | file | seconds |")
-    print("|---|---|---|")
-    for (backend, name), seconds in sorted(
-            files.items(), key=lambda kv: (kv[0][0], -np.median(kv[1]))):
-        print(f"| {backend} | {name} | {np.median(seconds):.0f} |")
+    bench.table(
+        ["run", "tests", "wall (median)", "each run"],
+        [[f"KERAS_SAM_TEST_BACKEND={b}", counts[b],
+          f"{np.median(walls[b]):.0f} s",
+          ", ".join(f"{w:.0f}" for w in walls[b])] for b in args.backends],
+        caption=f"`python -m pytest -n 2` per backend run, {os.cpu_count()} "
+        f"CPU cores, median of {args.runs} run(s); wall time:")
+    bench.table(
+        ["run", "file", "seconds"],
+        [[backend, name, f"{np.median(seconds):.0f}"]
+         for (backend, name), seconds in sorted(
+             files.items(), key=lambda kv: (kv[0][0], -np.median(kv[1])))],
+        caption="Seconds of work per test file (setup + call + teardown, "
+        "both workers), median over the runs:")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -34,6 +35,9 @@ import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 import keras_sam  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
 
 VOCAB, MAXLEN, EMBED, HEADS, FF = 20000, 200, 32, 2, 32
 
@@ -150,67 +154,77 @@ def diagnose(model, x, y, rho=0.05):
               f"{np.sqrt(ss / gg):.2f} | {gs / np.sqrt(gg * ss):.3f} |")
 
 
+NO_EMBEDDINGS = keras_sam.selection.NoEmbeddings()
+# SAMModel's arguments per setting (None: Adam alone); a rho of
+# ("warm-up", rho, epochs) grows linearly from 0 over those epochs.
 SETTINGS = {
     "Adam (base)": None,
     "SAM rho=0.05": dict(rho=0.05),
     "SAM rho=0.01": dict(rho=0.01),
-    "SAM rho=0.05, no embeddings": dict(
-        rho=0.05, perturb=keras_sam.selection.NoEmbeddings()),
+    "SAM rho=0.05, no embeddings": dict(rho=0.05, perturb=NO_EMBEDDINGS),
     "SAM rho=0.05, attention unperturbed": dict(
         rho=0.05, perturb=lambda v: "attention" not in v.path),
-    "SAM rho=0.05, warm-up 1 epoch": "warmup",
+    "SAM rho=0.05, warm-up 1 epoch": dict(rho=("warm-up", 0.05, 1)),
+    "SAM rho=0.05, warm-up 3 epochs": dict(rho=("warm-up", 0.05, 3)),
     "ASAM rho=0.5": dict(rho=0.5, adaptive=True),
-    "ASAM rho=0.5, no embeddings": dict(
-        rho=0.5, adaptive=True, perturb=keras_sam.selection.NoEmbeddings()),
-}
-
-
-def warm_up(rho, steps):
-    """rho growing linearly from 0 to `rho` over `steps`, then constant."""
-    return keras.optimizers.schedules.PolynomialDecay(
-        0.0, steps, end_learning_rate=rho, power=1.0)
-
-
-def run(name, spec, data, epochs, batch_size, seed):
-    (x, y), (xv, yv) = data
-    model = transformer_classifier(seed)
-    per_epoch = int(np.ceil(len(x) / batch_size))
-    if spec == "warmup":
-        spec = dict(rho=warm_up(0.05, per_epoch))   # over the first epoch
-    elif isinstance(spec, tuple):   # ("warmup", rho, epochs) and kwargs
-        (_, rho, warm_epochs), spec = spec[:3], dict(spec[3])
-        spec["rho"] = warm_up(rho, int(warm_epochs * per_epoch))
-    if spec is not None:
-        model = keras_sam.SAMModel(model, **spec)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    start = time.perf_counter()
-    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
-                        validation_data=(xv, yv), verbose=0)
-    seconds = time.perf_counter() - start
-    return history.history["loss"], history.history["val_accuracy"], seconds
-
-
-# The study: settings a new user would try, on two datasets of different
-# difficulty, several seeds, 5 epochs of Adam(1e-3).
-STUDY = {
-    "Adam (base)": None,
-    "SAM rho=0.05": dict(rho=0.05),
-    "SAM rho=0.05, warm-up 1 epoch": ("warmup", 0.05, 1, {}),
-    "SAM rho=0.05, warm-up 3 epochs": ("warmup", 0.05, 3, {}),
-    "SAM rho=0.01": dict(rho=0.01),
+    "ASAM rho=0.5, no embeddings": dict(rho=0.5, adaptive=True,
+                                        perturb=NO_EMBEDDINGS),
     "ASAM rho=0.05": dict(rho=0.05, adaptive=True),
-    "MSAM rho=0.05": dict(rho=0.05, direction="momentum"),
-    "MSAM rho=0.3": dict(rho=0.3, direction="momentum"),
-    "MSAM rho=1": dict(rho=1.0, direction="momentum"),
-    "MSAM rho=2": dict(rho=2.0, direction="momentum"),
+    **{f"MSAM rho={r:g}": dict(rho=r, direction="momentum")
+       for r in (0.05, 0.3, 1.0, 2.0)},
 }
+# Part 2's settings; the study's: what a new user would try, on two
+# datasets of different difficulty, several seeds, 5 epochs of Adam(1e-3).
+PART2 = list(SETTINGS)[:5] + ["SAM rho=0.05, warm-up 1 epoch",
+                              "ASAM rho=0.5", "ASAM rho=0.5, no embeddings"]
+STUDY = list(SETTINGS)[:2] + ["SAM rho=0.05, warm-up 1 epoch",
+                              "SAM rho=0.05, warm-up 3 epochs",
+                              "SAM rho=0.01", "ASAM rho=0.05"] + [
+    name for name in SETTINGS if name.startswith("MSAM")]
 DATASETS = {
     "easier (3-9 sentiment words, 10% flipped)": dict(sentiment=(3, 10),
                                                       noise=0.1),
     "harder (2-5 sentiment words, 15% flipped)": dict(sentiment=(2, 6),
                                                       noise=0.15),
 }
+
+
+def run(name, data, epochs, seed, batch_size=32):
+    """(training loss per epoch, validation accuracy per epoch, seconds)."""
+    (x, y), (xv, yv) = data
+    model = transformer_classifier(seed)
+    spec = SETTINGS[name]
+    if spec is not None:
+        spec = dict(spec)
+        if isinstance(spec["rho"], tuple):
+            _, rho, warm = spec["rho"]
+            steps = int(warm * np.ceil(len(x) / batch_size))
+            spec["rho"] = keras.optimizers.schedules.PolynomialDecay(
+                0.0, steps, end_learning_rate=rho, power=1.0)
+        model = keras_sam.SAMModel(model, **spec)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    start = time.perf_counter()
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                        validation_data=(xv, yv), verbose=0)
+    return (history.history["loss"], history.history["val_accuracy"],
+            time.perf_counter() - start)
+
+
+def settings_table(names, args, data_for, columns, row) -> None:
+    """A table of `names` (those in --only): `row(name, runs, time / base)`
+    from one run per seed on `data_for(seed)`."""
+    base_time, rows = None, []
+    for name in names:
+        if args.only and name not in args.only:
+            continue
+        runs = [run(name, data_for(seed), args.epochs, seed)
+                for seed in range(args.seeds)]
+        seconds = float(np.mean([r[2] for r in runs]))
+        base_time = base_time or seconds
+        rows.append(row(name, runs, seconds, seconds / base_time))
+        print(f"measured {name}", file=sys.stderr, flush=True)
+    bench.table(columns, rows)
 
 
 def study(args):
@@ -221,35 +235,25 @@ def study(args):
     print(f"\nStudy: {args.train} training / {args.val} validation "
           f"sequences, {args.epochs} epochs, batch 32, Adam(1e-3), seeds "
           f"0..{args.seeds - 1} (data and initial weights)")
+
+    def row(name, runs, _, over_base):
+        accs = [r[1][-1] for r in runs]
+        return [name, f"{np.mean(accs):.3f} +- {np.std(accs):.3f}",
+                f"{sum(r[0][-1] > 0.99 * np.log(2) for r in runs)}/"
+                f"{len(runs)}", " / ".join(f"{v:.3f}" for v in runs[0][0]),
+                ", ".join(f"{(r[0][0] - r[0][1]) / r[0][0]:+.2%}"
+                          for r in runs), f"{over_base:.2f}"]
+
     for data_name, kwargs in DATASETS.items():
         if args.datasets and not any(d in data_name for d in args.datasets):
             continue
         print(f"\n{data_name}\n")
-        print("| setting | final val acc | at chance | train loss per epoch "
-              "(seed 0) | epoch 1->2 loss change | time / base |")
-        print("|---|---|---|---|---|---|")
-        base_time = None
-        for name, spec in STUDY.items():
-            if args.only and name not in args.only:
-                continue
-            accs, stuck, changes, times, first = [], 0, [], [], None
-            for seed in range(args.seeds):
-                data = synthetic_imdb(args.train, args.val, seed=seed,
-                                      **kwargs)
-                loss, acc, seconds = run(name, spec, data, args.epochs, 32,
-                                         seed)
-                accs.append(acc[-1])
-                stuck += loss[-1] > 0.99 * np.log(2)
-                changes.append((loss[0] - loss[1]) / loss[0])
-                times.append(seconds)
-                first = first or loss
-            t = float(np.mean(times))
-            base_time = base_time or t
-            print(f"| {name} | {np.mean(accs):.3f} +- {np.std(accs):.3f} | "
-                  f"{stuck}/{args.seeds} | "
-                  + " / ".join(f"{v:.3f}" for v in first) + " | "
-                  + ", ".join(f"{c:+.2%}" for c in changes)
-                  + f" | {t / base_time:.2f} |", flush=True)
+        settings_table(
+            STUDY, args, lambda seed: synthetic_imdb(
+                args.train, args.val, seed=seed, **kwargs),
+            ["setting", "final val acc", "at chance",
+             "train loss per epoch (seed 0)", "epoch 1->2 loss change",
+             "time / base"], row)
 
 
 def main():
@@ -291,25 +295,16 @@ def main():
 
     print(f"\n{args.train} training and {args.val} validation sequences, "
           f"{args.epochs} epochs, batch 32, Adam(1e-3), {args.seeds} seed(s)")
-    print("| setting | train loss per epoch | val acc per epoch | time | "
-          "time / base |")
-    print("|---|---|---|---|---|")
-    base_time = None
-    for name, spec in SETTINGS.items():
-        if args.only and name not in args.only:
-            continue
-        losses, accs, times = [], [], []
-        for seed in range(args.seeds):
-            loss, acc, seconds = run(name, spec, data, args.epochs, 32, seed)
-            losses.append(loss)
-            accs.append(acc)
-            times.append(seconds)
-        loss, acc = np.mean(losses, axis=0), np.mean(accs, axis=0)
-        t = float(np.mean(times))
-        base_time = base_time or t
-        print(f"| {name} | " + " / ".join(f"{v:.3f}" for v in loss) + " | "
-              + " / ".join(f"{a:.3f}" for a in acc)
-              + f" | {t:.0f} s | {t / base_time:.2f} |", flush=True)
+    settings_table(
+        PART2, args, lambda seed: data,
+        ["setting", "train loss per epoch", "val acc per epoch", "time",
+         "time / base"],
+        lambda name, runs, seconds, over_base: [
+            name, " / ".join(f"{v:.3f}" for v in np.mean(
+                [r[0] for r in runs], axis=0)),
+            " / ".join(f"{a:.3f}" for a in np.mean([r[1] for r in runs],
+                                                   axis=0)),
+            f"{seconds:.0f} s", f"{over_base:.2f}"])
 
 
 if __name__ == "__main__":
