@@ -420,6 +420,26 @@ def _edrec(seed=0):
             (targets, np.ones(targets.shape, "float32")))
 
 
+def _moonshine(seed=0):
+    """MoonshineAudioToText fed model-ready inputs: 0.25 s of noise at
+    16 kHz and token ids."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.MoonshineBackbone(
+        vocabulary_size=16, filter_dim=8, encoder_num_layers=1,
+        decoder_num_layers=1, hidden_dim=8, intermediate_dim=16,
+        encoder_num_heads=2, decoder_num_heads=2, max_position_embeddings=64,
+        partial_rotary_factor=1.0)
+    audio = 0.1 * np.random.default_rng(1).normal(size=(8, 4000, 1))
+    ids, targets = _token_ids(1)
+    x = {"encoder_input_values": audio.astype("float32"),
+         "encoder_padding_mask": np.ones(audio.shape[:2], bool),
+         "decoder_token_ids": ids,
+         "decoder_padding_mask": np.ones(ids.shape, bool)}
+    return (m.MoonshineAudioToText(backbone, preprocessor=None), x,
+            (targets, np.ones(targets.shape, "float32")))
+
+
 def _t5gemma(seed=0):
     """T5GemmaSeq2SeqLM over a, b, c (a SentencePiece proto)."""
     m = _hub()
@@ -630,7 +650,22 @@ BUILDERS = {
         stackwise_stage_filters=[[8, 8, 16, 1, 1, 3]],
         apply_downsample=[False], use_lightweight_conv_block=[False],
         image_shape=(16, 16, 3))),
+    "MobileNetV5ImageClassifier": _image_classifier("MobileNetV5", dict(
+        stackwise_block_types=[["er"], ["uir"]], stackwise_num_blocks=[1, 1],
+        stackwise_num_filters=[[8], [16]], stackwise_strides=[[2], [2]],
+        stackwise_act_layers=[["relu"], ["relu"]],
+        stackwise_exp_ratios=[[2.0], [2.0]], stackwise_se_ratios=[[0.0], [0.0]],
+        stackwise_dw_kernel_sizes=[[0], [3]],
+        stackwise_dw_start_kernel_sizes=[[0], [0]],
+        stackwise_dw_end_kernel_sizes=[[0], [0]],
+        stackwise_exp_kernel_sizes=[[3], [0]],
+        stackwise_pw_kernel_sizes=[[1], [0]], stackwise_num_heads=[[0], [0]],
+        stackwise_key_dims=[[0], [0]], stackwise_value_dims=[[0], [0]],
+        stackwise_kv_strides=[[0], [0]], stackwise_use_cpe=[[False], [False]],
+        use_msfa=False, stem_size=8, num_features=16,
+        image_shape=(16, 16, 3))),
     "RWKV7CausalLM": _rwkv7,
+    "MoonshineAudioToText": _moonshine,
     "EdRecSeq2SeqLM": _edrec,
     "T5GemmaSeq2SeqLM": _t5gemma,
     "DepthAnythingDepthEstimator": _depth_anything,
