@@ -6,7 +6,7 @@ import pytest
 
 import keras_sam
 import reference
-from conftest import regression_data, tanh_mlp, weights64
+from conftest import bn_mlp, regression_data, tanh_mlp, weights64
 
 
 @pytest.mark.parametrize("rho, error", [
@@ -136,6 +136,24 @@ def test_non_finite_gradient_skips_the_step(optimizer, rho):
     logs = sam.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"]) and int(sam.optimizer.iterations) == 2
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.0])
+def test_a_skipped_step_keeps_the_batchnorm_statistics(rho):
+    """A NaN in the batch: pass 1 computed NaN batch statistics, and the
+    skipped step leaves the moving ones (and every other variable) as they
+    were, so the model still predicts."""
+    sam = keras_sam.SAMModel(bn_mlp(seed=3), rho=rho)
+    sam.compile(optimizer="sgd", loss="mse")
+    x, y = regression_data()
+    sam.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = [np.array(v) for v in sam.model.weights]
+    bad = x[:8].copy()
+    bad[0, 0] = np.nan
+    sam.train_on_batch(bad, y[:8])
+    for a, v in zip(before, sam.model.weights):
+        np.testing.assert_array_equal(a, np.array(v), err_msg=v.path)
+    assert np.all(np.isfinite(sam.predict(x, verbose=0)))
 
 
 def test_an_unsupported_backend_gets_a_clear_error(monkeypatch):

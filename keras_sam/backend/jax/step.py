@@ -72,8 +72,9 @@ def train_step(sam, state, data):
         new_trainable = _where(result.finite, new_trainable, trainable)
         new_optimizer = _where(result.finite, new_optimizer,
                                optimizer_values)
-    new_non_trainable = writeback.new_state(sam, variables, result,
-                                            non_trainable)
+    # A skipped step keeps the layer state too (BatchNorm statistics).
+    new_non_trainable = _where(result.finite, writeback.new_state(
+        sam, variables, result, non_trainable), non_trainable)
     logs, metric_values = writeback.logs(sam, variables, result, trainable,
                                          non_trainable, metric_values, data)
     return logs, (new_trainable, new_non_trainable, new_optimizer,

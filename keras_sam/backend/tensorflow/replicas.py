@@ -120,14 +120,17 @@ def all_finite(grads) -> tf.Tensor:
     return tf.reduce_all(tf.stack(checks))
 
 
-def apply_or_roll_back(optimizer, grads, variables) -> None:
+def apply_or_roll_back(optimizer, grads, variables, layer_state=(),
+                       layer_state_before=()) -> None:
     """`optimizer.apply(grads, variables)` as Keras's own step calls it (the
     gradient read by the update alone), then undone where it left a
     non-finite weight: the variables and the optimizer's own go back to
-    their values before the step, on every replica alike. The step keeps
-    one copy of them while it runs."""
-    state = list(variables) + list(optimizer.variables)
-    before = [tf.identity(v.value) for v in state]
+    their values before the step, and `layer_state` (BatchNorm statistics,
+    written by the forward pass) to `layer_state_before`, on every replica
+    alike. The step keeps one copy of them while it runs."""
+    state = list(variables) + list(optimizer.variables) + list(layer_state)
+    before = [tf.identity(v.value) for v in list(variables)
+              + list(optimizer.variables)] + list(layer_state_before)
     optimizer.apply(grads, variables)
     finite = all_replicas(tf.reduce_all(tf.stack(
         [tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])))

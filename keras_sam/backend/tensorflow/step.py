@@ -100,7 +100,8 @@ def train_step(sam, data):
             optimizer.apply([grads[i] for i in live], live_variables)
         else:
             replicas.apply_or_roll_back(optimizer, [grads[i] for i in live],
-                                        live_variables)
+                                        live_variables, state_variables,
+                                        state_before)
         return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     ascent_ids = [i for i in live if perturbed_mask[i]]
     if dense:
@@ -232,6 +233,9 @@ def train_step(sam, data):
             return perturbed_loss, new_directions
 
         def skipped_step():
+            # Pass 1's state updates (BatchNorm statistics) undone.
+            for v, old in zip(state_variables, state_before):
+                v.assign(old)
             if is_lso:
                 # Hand over a gradient marked non-finite on every replica
                 # (some may have overflowed alone): the step is skipped
