@@ -138,13 +138,16 @@ def test_non_finite_gradient_skips_the_step(optimizer, rho):
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("rho", [0.05, 0.0])
-def test_a_skipped_step_keeps_the_batchnorm_statistics(rho):
+def test_a_skipped_step_keeps_the_batchnorm_statistics(rho, scaled):
     """A NaN in the batch: pass 1 computed NaN batch statistics, and the
     skipped step leaves the moving ones (and every other variable) as they
-    were, so the model still predicts."""
+    were, so the model still predicts; with a LossScaleOptimizer too."""
     sam = keras_sam.SAMModel(bn_mlp(seed=3), rho=rho)
-    sam.compile(optimizer="sgd", loss="mse")
+    optimizer = keras.optimizers.SGD(0.01)
+    sam.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer)
+                if scaled else optimizer, loss="mse")
     x, y = regression_data()
     sam.fit(x, y, batch_size=8, epochs=1, verbose=0)
     before = [np.array(v) for v in sam.model.weights]

@@ -8,6 +8,7 @@ the single-device step compiles as if they were not there.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 
@@ -123,21 +124,27 @@ def all_finite(grads) -> tf.Tensor:
 def apply_or_roll_back(optimizer, grads, variables, layer_state=(),
                        layer_state_before=()) -> None:
     """`optimizer.apply(grads, variables)` as Keras's own step calls it (the
-    gradient read by the update alone), then undone where it left a
-    non-finite weight: the variables and the optimizer's own go back to
-    their values before the step, and `layer_state` (BatchNorm statistics,
-    written by the forward pass) to `layer_state_before`, on every replica
-    alike. The step keeps one copy of them while it runs."""
-    state = list(variables) + list(optimizer.variables) + list(layer_state)
-    before = [tf.identity(v.value) for v in list(variables)
-              + list(optimizer.variables)] + list(layer_state_before)
+    gradient read by the update alone), then undone where it did not take:
+    where it left a non-finite weight, the variables and the optimizer's own
+    go back to their values before the step (a LossScaleOptimizer skips such
+    a step itself, its iterations unchanged), and `layer_state` (BatchNorm
+    statistics, written by the forward pass) to `layer_state_before`, on
+    every replica alike. The step keeps one copy of them while it runs."""
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    own = [] if scaled else list(variables) + list(optimizer.variables)
+    state = own + list(layer_state)
+    before = [tf.identity(v.value) for v in own] + list(layer_state_before)
+    iterations = tf.identity(optimizer.iterations.value)
     optimizer.apply(grads, variables)
-    finite = all_replicas(tf.reduce_all(tf.stack(
-        [tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])))
+    if scaled:
+        took = optimizer.iterations.value > iterations
+    else:
+        took = all_replicas(tf.reduce_all(tf.stack(
+            [tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])))
 
     def roll_back():
         for v, old in zip(state, before):
             v.assign(old)
         return tf.constant(False)
 
-    tf.cond(finite, lambda: tf.constant(True), roll_back)
+    tf.cond(took, lambda: tf.constant(True), roll_back)

@@ -95,13 +95,10 @@ def train_step(sam, data):
         # rewrites round it alike (a norm of it, or a conditional around the
         # update, made some graphs differ in the last bits). A step that
         # leaves a non-finite weight is rolled back (a LossScaleOptimizer
-        # skips it itself).
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer.apply([grads[i] for i in live], live_variables)
-        else:
-            replicas.apply_or_roll_back(optimizer, [grads[i] for i in live],
-                                        live_variables, state_variables,
-                                        state_before)
+        # skips it itself), with the layer state pass 1 wrote.
+        replicas.apply_or_roll_back(optimizer, [grads[i] for i in live],
+                                    live_variables, state_variables,
+                                    state_before)
         return sam.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     ascent_ids = [i for i in live if perturbed_mask[i]]
     if dense:
