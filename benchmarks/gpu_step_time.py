@@ -169,7 +169,7 @@ def time_row(make, policy, rounds, seconds, variants):
     try:
         runs = {v: build(make, v) for v in variants}
         first = {v: 5 * run(5) for v, run in runs.items()}
-        steps = max(5, int(seconds / runs["floor"](5)))
+        steps = bench.steps_for(runs["floor"], seconds, multiple=5)
         return bench.alternate(runs, rounds, steps), first
     finally:
         keras.mixed_precision.set_global_policy("float32")
