@@ -85,11 +85,11 @@ def main(argv=None) -> None:
         "in the epoch losses, the weights and predict; whether the logs "
         "are task.fit's plus sharpness; one step at rho = 0.05.")
     bench.table(
-        ["task class", "own compute_loss", "why not built"],
+        ["task class", "own compute_loss", "why not compared"],
         [[name, "yes" if hub_zoo.own_compute_loss(name) else "", why]
          for name, why in skipped],
         caption=f"{len(rows)} task classes built and compared, "
-        f"{len(skipped)} not built:")
+        f"{len(skipped)} not:")
 
 
 if __name__ == "__main__":

@@ -175,10 +175,20 @@ def overrides(model, method: str) -> bool:
     return getattr(type(model), method) is not getattr(keras.Model, method)
 
 
+def own_fit(cls) -> bool:
+    """Whether `cls` defines a `fit` of its own: one that is neither Keras's
+    nor KerasHub's pipeline (`keras_sam.hub`), which SAMModel runs."""
+    from keras_sam import hub
+
+    pipeline = hub._pipeline_model_class()
+    return cls.fit is not keras.Model.fit and (
+        pipeline is None or cls.fit is not pipeline.fit)
+
+
 def check_wrappable(model) -> None:
     """Refuse, saying what to do, a model that SAM cannot train as its own
     `fit` would: not a Keras model, a SAM model already, or one with its own
-    `train_step` (SAM's step would replace what that step does)."""
+    `train_step` or `fit` (SAM's would replace what those do)."""
     from keras_sam.model import SAMModel
 
     if not isinstance(model, keras.Model):
@@ -192,6 +202,15 @@ def check_wrappable(model) -> None:
             "`model` is already a SAMModel: wrapping it again would take "
             "four gradients per step and perturb twice. Wrap the plain "
             "model once: `SAMModel(sam_model.model, rho=...)`.")
+    if own_fit(type(model)):
+        raise TypeError(
+            f"'{model.name}' ({type(model).__name__}) defines its own `fit`, "
+            "which SAMModel cannot run: `SAMModel(model).fit` is Keras's "
+            "`fit` with SAM's step, so what that `fit` does (or refuses: "
+            "KerasHub's inference-only tasks raise NotImplementedError "
+            "there) would be skipped, not made flatter. Prepare the data "
+            "and callbacks it adds before calling `SAMModel(model).fit`, "
+            "from a model class without the override.")
     if not overrides(model, "train_step"):
         return
     raise TypeError(

@@ -2,9 +2,11 @@
 from a small config where this file knows how, and checked against the
 task's own `fit`.
 
-`CATALOGUE` maps each task class name to a builder, `() -> (task, x, y)`
-with raw inputs (strings, uint8 or float images), or to the reason it is
-not built. `conformance(name)` trains a task with `task.fit` and a twin
+`BUILDERS` maps a task class name to a builder, `() -> (task, x, y)` with
+raw inputs (strings, uint8 or float images); `UNTRAINABLE` holds the ones
+built whose own `fit` cannot train them, `NOT_BUILT` why others are not
+built, and a class with a `fit` of its own is refused by SAMModel
+(`status`). `conformance(name)` trains a task with `task.fit` and a twin
 through `SAMModel(twin, rho=0)` on the same data and reports how far apart
 they end, then one step at rho = 0.05. `tests/test_kerashub_zoo.py` asserts
 it; `benchmarks/kerashub_zoo.py` prints the table.
@@ -175,14 +177,18 @@ _GQA = dict(num_layers=1, num_query_heads=2, num_key_value_heads=1,
 @functools.cache
 def _spm_proto(pad, unk, bos, eos, extra=()) -> bytes:
     """A SentencePiece word model of WORDS and a, b, c, trained in memory,
-    with the special pieces a family's tokenizer looks for."""
+    with the special pieces a family's tokenizer looks for. (With ten or
+    more pieces the word trainer counts their characters against the size:
+    there the size is a bound, not exact.)"""
     import sentencepiece
 
     words = WORDS + ["a", "b", "c"]
+    exact = len(extra) < 10
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([" ".join(words)] * 4), model_writer=out,
-        model_type="word", vocab_size=len(words) + 4 + len(extra),
+        model_type="word", hard_vocab_limit=exact,
+        vocab_size=len(words) + 4 + (1 if exact else 2) * len(extra),
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=pad,
         unk_piece=unk, bos_piece=bos, eos_piece=eos,
         user_defined_symbols=list(extra), minloglevel=2)
@@ -378,6 +384,46 @@ def _retinanet(seed=0):
     return task, images, {"boxes": boxes, "labels": labels}
 
 
+def _dfine(seed=0):
+    """DFineObjectDetector (its own `compute_loss`: Hungarian matching, then
+    VFL, box, CIoU, fine-grained localization and distillation losses) over
+    an HGNetV2 of 32 x 32 images, two boxes each."""
+    import keras_hub
+
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    features = dict(out_features=["stage1", "stage2"],
+                    image_shape=(None, None, 3))
+    encoder = m.HGNetV2Backbone(
+        stem_channels=[3, 4, 4], embedding_size=4, depths=[1, 1],
+        stackwise_stage_filters=[[4, 4, 8, 1, 1, 3], [8, 4, 8, 1, 1, 3]],
+        apply_downsample=[False, True], hidden_sizes=[8, 8],
+        use_lightweight_conv_block=[False, False], hidden_act="relu",
+        use_learnable_affine_block=True, **features)
+    backbone = m.DFineBackbone(
+        backbone=encoder, decoder_in_channels=[8, 8], encoder_hidden_dim=8,
+        num_denoising=0, num_labels=2, hidden_dim=8,
+        learn_initial_query=False, num_queries=4, anchor_image_size=(32, 32),
+        feat_strides=[4, 8], num_feature_levels=2,
+        encoder_in_channels=[8, 8], encode_proj_layers=[1],
+        num_attention_heads=2, encoder_ffn_dim=16, num_encoder_layers=1,
+        hidden_expansion=0.5, depth_multiplier=0.5, eval_idx=-1,
+        num_decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=16,
+        decoder_n_points=[2, 2], lqe_hidden_dim=8, num_lqe_layers=1,
+        seed=seed, **features)
+    converter = keras_hub.layers.DFineImageConverter(
+        bounding_box_format="yxyx", image_size=(32, 32))
+    task = m.DFineObjectDetector(
+        backbone, num_classes=2, bounding_box_format="yxyx",
+        preprocessor=m.DFineObjectDetectorPreprocessor(converter))
+    rng = np.random.default_rng(seed + 1)
+    images = rng.uniform(0, 255, size=(8, 32, 32, 3)).astype("float32")
+    boxes = np.tile(np.array([[[4, 4, 20, 20], [8, 12, 24, 28]]],
+                             "float32"), (8, 1, 1))
+    labels = rng.integers(0, 2, size=(8, 2)).astype("int32")
+    return task, images, {"boxes": boxes, "labels": labels}
+
+
 def _seq2seq(seed=0):
     return hub_models.seq2seq_lm(seed), hub_models.pairs(8, seed=1), None
 
@@ -440,22 +486,122 @@ def _moonshine(seed=0):
             (targets, np.ones(targets.shape, "float32")))
 
 
-def _t5gemma(seed=0):
-    """T5GemmaSeq2SeqLM over a, b, c (a SentencePiece proto)."""
+def _t5gemma(prefix):
+    """{T5Gemma, T5Gemma2}Seq2SeqLM over a, b, c (a SentencePiece proto);
+    T5Gemma2 text-only (no vision encoder)."""
+    def build(seed=0):
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        tokenizer = getattr(m, f"{prefix}Tokenizer")(
+            **_spm(bos="<bos>", eos="<eos>")())
+        side = dict(hidden_dim=8, intermediate_dim=16, num_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                    layer_types=["full_attention"])
+        backbone = getattr(m, f"{prefix}Backbone")(
+            vocabulary_size=tokenizer.vocabulary_size(),
+            **{f"{part}_{k}": v for part in ("encoder", "decoder")
+               for k, v in side.items()})
+        task = getattr(m, f"{prefix}Seq2SeqLM")(
+            backbone, preprocessor=getattr(
+                m, f"{prefix}Seq2SeqLMPreprocessor")(
+                tokenizer, encoder_sequence_length=8,
+                decoder_sequence_length=8))
+        return task, hub_models.pairs(8, seed=1), None
+    return build
+
+
+# Gemma 3n's tokenizer looks for all of these.
+_GEMMA3N_PIECES = (
+    "<image_soft_token>", "<audio_soft_token>", "<start_of_image>",
+    "<end_of_image>", "<start_of_audio>", "<end_of_audio>",
+    "<start_of_turn>", "<end_of_turn>", "<mask>", "[multimodal]")
+
+
+def _gemma3n(seed=0):
+    """Gemma3nCausalLM, text only: one decoder block with its AltUp
+    (2 streams), LAuReL (rank 1) and per-layer inputs."""
     m = _hub()
     keras.utils.set_random_seed(seed)
-    tokenizer = m.T5GemmaTokenizer(**_spm(bos="<bos>", eos="<eos>")())
-    side = dict(hidden_dim=8, intermediate_dim=16, num_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-                layer_types=["full_attention"])
-    backbone = m.T5GemmaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        **{f"{part}_{k}": v for part in ("encoder", "decoder")
-           for k, v in side.items()})
-    task = m.T5GemmaSeq2SeqLM(
-        backbone, preprocessor=m.T5GemmaSeq2SeqLMPreprocessor(
-            tokenizer, encoder_sequence_length=8, decoder_sequence_length=8))
-    return task, hub_models.pairs(8, seed=1), None
+    tokenizer = m.Gemma3nTokenizer(
+        **_spm(bos="<bos>", eos="<eos>", extra=_GEMMA3N_PIECES)())
+    vocabulary = tokenizer.vocabulary_size()
+    backbone = m.Gemma3nBackbone(
+        text_vocab_size=vocabulary, text_hidden_size=8, num_hidden_layers=1,
+        pad_token_id=0, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=4, intermediate_size=[16],
+        hidden_activation="gelu_approximate", layer_types=["full_attention"],
+        sliding_window=4, rope_theta=10000.0, max_position_embeddings=16,
+        vocab_size_per_layer_input=vocabulary, hidden_size_per_layer_input=2,
+        altup_num_inputs=2, laurel_rank=1)
+    preprocessor = m.Gemma3nCausalLMPreprocessor(
+        tokenizer, sequence_length=8, max_images_per_prompt=0,
+        num_vision_tokens_per_image=0, max_audios_per_prompt=0,
+        num_audio_tokens_per_audio=0)
+    return (m.Gemma3nCausalLM(preprocessor=preprocessor, backbone=backbone),
+            _prompts_and_responses(), None)
+
+
+def _blip2(language_model):
+    """BLIP2{CausalLM, Seq2SeqLM} on 16 x 16 images and text: a ViT (patches
+    of 8), a Q-Former of 2 query tokens, and OPT or Flan-T5."""
+    def build(seed=0):
+        import keras_hub
+
+        m = _hub()
+        keras.utils.set_random_seed(seed)
+        vision = m.BLIP2VisionEncoder(
+            image_size=16, patch_size=8, num_layers=1, num_heads=2,
+            hidden_dim=8, intermediate_dim=16, use_patch_bias=True,
+            use_class_token=True, use_mha_bias=True, use_mlp_bias=True,
+            dropout_rate=0.0, layer_norm_epsilon=1e-6,
+            initializer_range=0.02)
+        qformer = m.BLIP2QFormer(
+            num_query_tokens=2, num_layers=1, num_heads=2, hidden_dim=8,
+            intermediate_dim=16, vision_dim=8, cross_attention_frequency=1,
+            dropout=0.0, layer_norm_epsilon=1e-6)
+        converter = keras_hub.layers.BLIP2ImageConverter(image_size=(16, 16))
+        lm = dict(num_layers=1, num_heads=2, hidden_dim=8,
+                  intermediate_dim=16, num_query_tokens=2,
+                  qformer_hidden_dim=8, dropout=0.0)
+        images = hub_models.raw_images(8, seed=1)[0]
+        if language_model == "OPT":
+            tokenizer = m.BLIP2OPTTokenizer(vocabulary=_bpe(
+                {"<pad>": 0, "</s>": 1, "\u010a": 2, "<image>": 3}),
+                merges=_MERGES)
+            backbone = m.BLIP2Backbone(vision, qformer, m.BLIP2CustomOPT(
+                vocabulary_size=tokenizer.vocabulary_size(),
+                max_sequence_length=16, **lm))
+            return m.BLIP2CausalLM(
+                preprocessor=m.BLIP2CausalLMPreprocessor(
+                    tokenizer, image_converter=converter, sequence_length=8),
+                backbone=backbone), {
+                    "images": images,
+                    "text": hub_models.sentences(8, seed=1)}, None
+        tokenizer = m.BLIP2FlanT5Tokenizer(**_spm()())
+        backbone = m.BLIP2Backbone(vision, qformer, m.BLIP2FlanT5(
+            vocabulary_size=tokenizer.vocabulary_size(), **lm))
+        return m.BLIP2Seq2SeqLM(
+            backbone, preprocessor=m.BLIP2Seq2SeqLMPreprocessor(
+                tokenizer, image_converter=converter,
+                encoder_sequence_length=8, decoder_sequence_length=8)), {
+                    "images": images, **hub_models.pairs(8, seed=1)}, None
+    return build
+
+
+def _gemma4_assistant(seed=0):
+    """Gemma4AssistantCausalLM, a draft model for speculative decoding:
+    its `call` raises, so its own `fit` cannot train it (see UNTRAINABLE)."""
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    backbone = m.Gemma4Backbone(vocabulary_size=16, image_size=None,
+                                num_kv_shared_layers=1, **_GEMMA)
+    task = m.Gemma4AssistantCausalLM(
+        backbone, backbone_hidden_size=8, num_centroids=4,
+        centroid_intermediate_top_k=2, use_ordered_embeddings=True)
+    ids, targets = _token_ids(1)
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids),
+         "position_ids": np.tile(np.arange(ids.shape[1]), (len(ids), 1))}
+    return task, x, targets
 
 
 def _depth_anything(seed=0):
@@ -667,11 +813,16 @@ BUILDERS = {
     "RWKV7CausalLM": _rwkv7,
     "MoonshineAudioToText": _moonshine,
     "EdRecSeq2SeqLM": _edrec,
-    "T5GemmaSeq2SeqLM": _t5gemma,
+    "T5GemmaSeq2SeqLM": _t5gemma("T5Gemma"),
+    "T5Gemma2Seq2SeqLM": _t5gemma("T5Gemma2"),
+    "Gemma3nCausalLM": _gemma3n,
+    "BLIP2CausalLM": _blip2("OPT"),
+    "BLIP2Seq2SeqLM": _blip2("FlanT5"),
     "DepthAnythingDepthEstimator": _depth_anything,
     "BASNetImageSegmenter": _basnet,
     "DeepLabV3ImageSegmenter": _deeplab,
     "RetinaNetObjectDetector": _retinanet,
+    "DFineObjectDetector": _dfine,
 }
 
 # Abstract bases: the families above, not tasks of their own.
@@ -684,17 +835,22 @@ ALIASES = {"BertClassifier", "DistilBertClassifier", "RobertaClassifier",
            "AlbertClassifier", "DebertaV3Classifier", "FNetClassifier",
            "XLMRobertaClassifier", "SmolLMCausalLM"}
 
-_LARGE = ("its smallest config is more than the suite can train on 2 CPU "
-          "cores in a few seconds")
 NOT_BUILT = {
-    **{name: _LARGE for name in (
-        "StableDiffusion3TextToImage", "StableDiffusion3ImageToImage",
-        "StableDiffusion3Inpaint", "FluxTextToImage", "SAMImageSegmenter",
-        "SAM3PromptableConceptImageSegmenter", "DFineObjectDetector")},
     "SegFormerImageSegmenter": (
         "KerasHub 0.32 cannot build it from a config here: SegFormerBackbone "
         "over a MiTBackbone raises 'The name \"linear_8\" is used 2 times "
         "in the model' (2 and 4 stages)"),
+}
+_OWN_FIT = ("inference only: its own `fit` raises NotImplementedError; "
+            "SAMModel refuses a model with a `fit` of its own, at "
+            "construction, with what to do")
+# Built, but their own `fit` cannot train them: SAMModel(task).fit fails
+# with the task's own error (test_kerashub_zoo.py), never trains otherwise.
+UNTRAINABLE = {
+    "Gemma4AssistantCausalLM": (_gemma4_assistant, (
+        "its own fit cannot train it: a draft model for speculative "
+        "decoding, whose `call` raises NotImplementedError; "
+        "SAMModel(task).fit raises with that message")),
 }
 _NOT_YET = ("no offline builder in this zoo yet: a config and tokenizer or "
             "image converter of its own to write")
@@ -714,6 +870,12 @@ def status(name: str) -> str:
     """"built", or why not."""
     if name in BUILDERS:
         return "built"
+    if name in UNTRAINABLE:
+        return UNTRAINABLE[name][1]
+    from keras_sam import objective
+
+    if objective.own_fit(getattr(_hub(), name)):
+        return _OWN_FIT
     return NOT_BUILT.get(name, _NOT_YET)
 
 

@@ -93,6 +93,42 @@ def test_variables_without_gradient_are_skipped():
         np.testing.assert_array_equal(got, want)
 
 
+class UnknownWidth(keras.layers.Layer):
+    """The identity, whose output's static width TensorFlow's graph loses:
+    the next kernel's gradient then has static shape (None, units), and
+    w + e for a (1, units) kernel broadcasts to (None, units)."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        # A width that depends on the data, which shape inference cannot
+        # fold (x has no NaN: the whole width).
+        nan = tf.cast(tf.reduce_any(tf.math.is_nan(x)), "int32")
+        return x[:, :tf.shape(x)[1] - nan]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@pytest.mark.tensorflow_only
+def test_a_gradient_without_static_shape_is_perturbed():
+    # Gemma3n's LAuReL kernel, (1, 8), gets a (None, 8) gradient: w + e
+    # must keep w's shape for the second pass's scope.
+    rho = 0.1
+    mlp = tanh_mlp(n_in=1, seed=3)
+    start = weights64(mlp)
+    model = keras.Sequential([keras.Input((1,)), UnknownWidth(), *mlp.layers])
+    sam = keras_sam.SAMModel(model, rho=rho)
+    sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = regression_data(n=16, n_in=1, seed=1)
+    sam.train_on_batch(x, y)
+    expected, _ = reference.sam_train(
+        reference.TanhMLP(), reference.SGD(0.1), start,
+        [(x.astype(float), y.astype(float))], rho)
+    for got, want in zip(weights64(mlp), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_all_zero_gradient_gives_no_perturbation_and_no_nan():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)),

@@ -195,6 +195,20 @@ def test_a_wrapped_model_with_its_own_train_step_is_refused():
         np.testing.assert_array_equal(before, after)
 
 
+def test_a_wrapped_model_with_its_own_fit_is_refused():
+    """`SAMModel(model).fit` is Keras's fit: another `fit` (KerasHub's
+    inference-only tasks raise there) would be skipped, so it is refused."""
+    class Custom(keras.Model):
+        def fit(self, *args, **kwargs):
+            raise NotImplementedError("inference only")
+
+    inputs = keras.Input((5,))
+    custom = Custom(inputs, keras.layers.Dense(3)(inputs), name="custom")
+    with pytest.raises(TypeError, match="'custom'.*own `fit`"):
+        keras_sam.SAMModel(custom)
+    keras_sam.SAMModel(tanh_mlp())   # Keras's own fit: accepted
+
+
 def test_wrapping_a_compiled_model_says_its_fit_skips_sam():
     model = tanh_mlp()
     model.compile(optimizer="sgd", loss="mse")
