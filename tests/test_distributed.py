@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import keras_sam
 import reference
-from conftest import regression_data, tanh_mlp, weights64
+from conftest import bn_mlp, regression_data, tanh_mlp, weights64
 
 DEVICES = ["/cpu:0", "/cpu:1"]
 
@@ -178,6 +178,25 @@ def test_nan_on_one_replica_skips_a_plain_optimizer_step_on_all(strategy):
     for v, before in zip(sam.optimizer.variables, slots):
         np.testing.assert_array_equal(np.asarray(v.numpy()), before)
     assert int(sam.optimizer.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.0])
+def test_a_skipped_step_keeps_the_batchnorm_statistics_on_all(strategy, rho):
+    """A NaN in replica 1's half: both replicas skip the step and keep their
+    moving statistics (pass 1 took NaN ones from the bad half)."""
+    with strategy.scope():
+        sam = keras_sam.SAMModel(bn_mlp(seed=3), rho=rho)
+        sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = regression_data(n=16, seed=4)
+    sam.fit(_dataset(x, y, 16), epochs=1, verbose=0)
+    state = [_replica_values(v) for v in sam.model.non_trainable_variables]
+    x_bad = x.copy()
+    x_bad[12, 0] = np.nan
+    sam.fit(_dataset(x_bad, y, 16), epochs=1, verbose=0)
+    for v, before in zip(sam.model.non_trainable_variables, state):
+        for now, then in zip(_replica_values(v), before):
+            np.testing.assert_array_equal(now, then)
+    assert np.all(np.isfinite(sam.predict(x, verbose=0)))
 
 
 def test_synchronized_perturbation_with_sparse_embedding_gradients(strategy):

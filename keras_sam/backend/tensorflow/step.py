@@ -226,6 +226,9 @@ def train_step(sam, data):
             apply(replicas.agree_on_overflow(direction, finite))
         else:
             replicas.apply_if(finite, apply, direction)
+        # A skipped step keeps the layer state from before pass 1.
+        for v, old in zip(state_variables, state_before):
+            v.assign(tf.where(finite, v.value, old))
     else:
         def perturbed_step():
             perturbed_loss, direction, new_directions = update_direction()
