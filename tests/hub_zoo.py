@@ -365,6 +365,28 @@ def _deeplab(seed=0):
             one_hot.astype("float32"))
 
 
+def _segformer(seed=0):
+    """SegFormerImageSegmenter, 2 classes, on 32 x 32 images, over a MiT of
+    two stages (KerasHub names the MiT's layers by width: equal widths
+    collide, "linear_8 is used 2 times")."""
+    import keras_hub
+
+    m = _hub()
+    keras.utils.set_random_seed(seed)
+    encoder = m.MiTBackbone(
+        layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0,
+        layerwise_patch_sizes=[3, 3], layerwise_strides=[2, 2],
+        image_shape=(32, 32, 3), hidden_dims=[4, 8])
+    converter = keras_hub.layers.SegFormerImageConverter(image_size=(32, 32))
+    task = m.SegFormerImageSegmenter(
+        m.SegFormerBackbone(image_encoder=encoder, projection_filters=8),
+        num_classes=2,
+        preprocessor=m.SegFormerImageSegmenterPreprocessor(converter))
+    images, masks = hub_models.masks(8, seed=seed + 1)
+    return task, images, np.concatenate([1.0 - masks, masks], axis=-1)
+
+
 def _retinanet(seed=0):
     """RetinaNetObjectDetector (its own `compute_loss`: anchors matched to
     the boxes, focal and box losses) on 64 x 64 images, two boxes each."""
@@ -821,6 +843,7 @@ BUILDERS = {
     "DepthAnythingDepthEstimator": _depth_anything,
     "BASNetImageSegmenter": _basnet,
     "DeepLabV3ImageSegmenter": _deeplab,
+    "SegFormerImageSegmenter": _segformer,
     "RetinaNetObjectDetector": _retinanet,
     "DFineObjectDetector": _dfine,
 }
@@ -835,12 +858,7 @@ ALIASES = {"BertClassifier", "DistilBertClassifier", "RobertaClassifier",
            "AlbertClassifier", "DebertaV3Classifier", "FNetClassifier",
            "XLMRobertaClassifier", "SmolLMCausalLM"}
 
-NOT_BUILT = {
-    "SegFormerImageSegmenter": (
-        "KerasHub 0.32 cannot build it from a config here: SegFormerBackbone "
-        "over a MiTBackbone raises 'The name \"linear_8\" is used 2 times "
-        "in the model' (2 and 4 stages)"),
-}
+NOT_BUILT: dict = {}   # every class is built or refused
 _OWN_FIT = ("inference only: its own `fit` raises NotImplementedError; "
             "SAMModel refuses a model with a `fit` of its own, at "
             "construction, with what to do")
