@@ -133,6 +133,7 @@ MSAM = "MSAM (direction=momentum)"
 NEVER = 10**9
 VARIANT_STEPS = {
     "SAM": ({}, 0),
+    "rho=0 (no pass 2)": ({"rho": 0.0}, 0),
     MSAM: ({"direction": "momentum", "rho": 2.0}, 0),
     "random e (direction=random)": ({"direction": "random"}, 0),
     "p=inf": ({"p": float("inf")}, 0),
