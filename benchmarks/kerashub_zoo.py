@@ -9,7 +9,7 @@ vocabularies, small images): `task.fit` and `SAMModel(twin, rho=0).fit` on
 the same raw inputs (2 epochs, batches of 4, the task's default compile),
 then one SAM step at rho = 0.05. Gaps are the largest difference over the
 largest value (per tensor for weights, at least 1e-3 of scale); 0 is bit
-for bit. Every other class is listed with why it was not built.
+for bit. Every other class is listed with why it was not compared.
 """
 
 from __future__ import annotations
