@@ -102,7 +102,7 @@ def _arguments(method, args, kwargs) -> dict:
     return dict(arguments)
 
 
-def _pipeline_model_class():
+def pipeline_model_class():
     """KerasHub's `PipelineModel`, or None when keras_hub is not loaded."""
     if "keras_hub" not in sys.modules:
         return None
@@ -114,7 +114,7 @@ def _pipeline_model_class():
 def is_task(model) -> bool:
     """Whether `model` preprocesses in its own fit/evaluate/predict (a
     KerasHub `Task`, or any KerasHub `PipelineModel`)."""
-    base = _pipeline_model_class()
+    base = pipeline_model_class()
     return base is not None and isinstance(model, base)
 
 
@@ -135,7 +135,7 @@ def pipeline(sam):
 
 @functools.cache
 def _feeder_class():
-    pipeline_model = _pipeline_model_class()
+    pipeline_model = pipeline_model_class()
 
     class KerasMethods(keras.Model):
         """Where `PipelineModel`'s methods end (their `super()` call): the

@@ -170,19 +170,15 @@ def has_loss(model) -> bool:
 
 
 def overrides(model, method: str) -> bool:
-    """Whether `model`'s class (or a base between it and keras.Model)
-    defines `method` itself."""
-    return getattr(type(model), method) is not getattr(keras.Model, method)
-
-
-def own_fit(cls) -> bool:
-    """Whether `cls` defines a `fit` of its own: one that is neither Keras's
-    nor KerasHub's pipeline (`keras_sam.hub`), which SAMModel runs."""
+    """Whether `model`'s class (`model` may be the class itself) defines
+    `method` of its own: neither Keras's nor KerasHub's pipeline's (whose
+    methods SAMModel runs, `keras_sam.hub`)."""
     from keras_sam import hub
 
-    pipeline = hub._pipeline_model_class()
-    return cls.fit is not keras.Model.fit and (
-        pipeline is None or cls.fit is not pipeline.fit)
+    cls = model if isinstance(model, type) else type(model)
+    own = getattr(cls, method)
+    return all(base is None or own is not getattr(base, method)
+               for base in (keras.Model, hub.pipeline_model_class()))
 
 
 def check_wrappable(model) -> None:
@@ -202,7 +198,7 @@ def check_wrappable(model) -> None:
             "`model` is already a SAMModel: wrapping it again would take "
             "four gradients per step and perturb twice. Wrap the plain "
             "model once: `SAMModel(sam_model.model, rho=...)`.")
-    if own_fit(type(model)):
+    if overrides(model, "fit"):
         raise TypeError(
             f"'{model.name}' ({type(model).__name__}) defines its own `fit`, "
             "which SAMModel cannot run: `SAMModel(model).fit` is Keras's "

@@ -892,7 +892,7 @@ def status(name: str) -> str:
         return UNTRAINABLE[name][1]
     from keras_sam import objective
 
-    if objective.own_fit(getattr(_hub(), name)):
+    if objective.overrides(getattr(_hub(), name), "fit"):
         return _OWN_FIT
     return NOT_BUILT.get(name, _NOT_YET)
 

@@ -160,11 +160,11 @@ def train_step(sam, data):
         for i, (_, indices), e in zip(ascent_ids, rows, eps):
             w = perturbed[i]
             e = ops.cast(e, w.dtype)
-            if indices is None and e.shape != w.shape:
-                # A gradient whose static shape the graph lost, e.g.
-                # (None, 8) for a (1, 8) kernel: the scope wants w's shape.
-                e = tf.reshape(e, w.shape)
             if indices is None:
+                if e.shape != w.shape:
+                    # A gradient whose static shape the graph lost, e.g.
+                    # (None, 8) for a (1, 8) kernel: the scope wants w's.
+                    e = tf.reshape(e, w.shape)
                 perturbed[i] = w + e
             else:
                 perturbed[i] = tf.tensor_scatter_nd_add(w, indices[:, None], e)
