@@ -125,8 +125,8 @@ def _grads_at(model, values, x, y):
                          for g in tape.gradient(loss, values)]
 
 
-def diagnose(model, x, y, rho=0.05):
-    """Per group of variables, on one batch at the initial weights: its
+def diagnose(model, x, y, where="at the initial weights", rho=0.05):
+    """Per group of variables, on one batch at the model's weights: its
     share of ||g||^2 (= its share of ||e||^2), ||e|| / ||w||, and how SAM's
     gradient g_s = grad L(w + e) compares with the clean g there."""
     variables = model.trainable_variables
@@ -137,21 +137,20 @@ def diagnose(model, x, y, rho=0.05):
     total = sum(float(tf.reduce_sum(t * t)) for t in g)
     groups = {}
     for v, gi, si, wi in zip(variables, g, g_s, w):
-        acc = groups.setdefault(group_of(v.path), np.zeros(5))
+        acc = groups.setdefault(group_of(v.path), np.zeros(4))
         acc += [float(tf.reduce_sum(gi * gi)), float(tf.reduce_sum(wi * wi)),
-                float(tf.reduce_sum(si * si)), float(tf.reduce_sum(gi * si)),
-                float(tf.size(gi))]
-    print(f"\nOne batch of {len(x)} at the initial weights: L(w) = "
-          f"{loss:.4f}, ||g|| = {np.sqrt(total):.4g}, L(w + e) = {loss_s:.4f}"
-          f" at rho = {rho}")
-    print("| variables | share of ||e||^2 | ||e|| / ||w|| | ||g_s|| / ||g|| "
-          "| cos(g, g_s) |")
-    print("|---|---|---|---|---|")
-    for name, (gg, ww, ss, gs, _) in sorted(groups.items(),
-                                            key=lambda kv: -kv[1][0]):
-        e_norm = rho * np.sqrt(gg / total)
-        print(f"| {name} | {gg / total:.3f} | {e_norm / np.sqrt(ww):.2e} | "
-              f"{np.sqrt(ss / gg):.2f} | {gs / np.sqrt(gg * ss):.3f} |")
+                float(tf.reduce_sum(si * si)), float(tf.reduce_sum(gi * si))]
+    bench.table(
+        ["variables", "share of ||e||^2", "||e|| / ||w||", "||g_s|| / ||g||",
+         "cos(g, g_s)"],
+        [[name, f"{gg / total:.3f}",
+          f"{rho * np.sqrt(gg / total) / np.sqrt(ww):.2e}",
+          f"{np.sqrt(ss / gg):.2f}", f"{gs / np.sqrt(gg * ss):.3f}"]
+         for name, (gg, ww, ss, gs) in sorted(groups.items(),
+                                              key=lambda kv: -kv[1][0])],
+        caption=f"One batch of {len(x)} {where}: L(w) = {loss:.4f}, "
+        f"||g|| = {np.sqrt(total):.4g}, L(w + e) = {loss_s:.4f} at "
+        f"rho = {rho}")
 
 
 NO_EMBEDDINGS = keras_sam.selection.NoEmbeddings()
@@ -283,15 +282,15 @@ def main():
     data = synthetic_imdb(args.train, args.val)
     diagnose(transformer_classifier(0), data[0][0][:32], data[0][1][:32])
     if args.diagnose_after:
-        # The same after some steps of plain Adam, where SAM's trouble shows.
+        # The same once plain Adam has left the plateau.
         model = transformer_classifier(0)
         model.compile(optimizer="adam",
                       loss="sparse_categorical_crossentropy")
         model.fit(data[0][0][:32 * args.diagnose_after],
                   data[0][1][:32 * args.diagnose_after], batch_size=32,
                   verbose=0)
-        print(f"(after {args.diagnose_after} Adam steps)")
-        diagnose(model, data[0][0][-32:], data[0][1][-32:])
+        diagnose(model, data[0][0][-32:], data[0][1][-32:],
+                 where=f"after {args.diagnose_after} steps of plain Adam")
 
     print(f"\n{args.train} training and {args.val} validation sequences, "
           f"{args.epochs} epochs, batch 32, Adam(1e-3), {args.seeds} seed(s)")

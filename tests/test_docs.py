@@ -273,6 +273,27 @@ def test_every_recorded_table_names_its_command_and_is_shown():
         assert tables(text), f"{name}.md has no table"
 
 
+def test_every_table_but_three_assembled_is_what_record_wrote():
+    """benchmarks.md says so: each file is record.py's output as it was
+    written, except the three it names, which say that they are assembled:
+    the GPU tables (from several device calls; there is no GPU where the
+    docs are built) and the Transformer study's (two tables side by side)."""
+    record = _module("benchmarks/record.py")
+    assembled = {"gpu_step_time_jax": "gpu_step_time.py",
+                 "gpu_step_time_torch": "gpu_step_time.py",
+                 "transformer_study": "transformer_case.py --study"}
+    for path in RESULTS.glob("*.md"):
+        first = path.read_text().splitlines()[0]
+        if path.stem in assembled:
+            assert first.startswith("<!-- Assembled from the output of "
+                                    f"benchmarks/{assembled[path.stem]}"), \
+                path.name
+        else:
+            assert first == record.MARKER, (
+                f"{path.name} was not written by record.py: rerun "
+                f"python benchmarks/record.py {path.stem} -- COMMAND")
+
+
 def recorded_tables(name: str) -> list[list[list[str]]]:
     return tables((RESULTS / f"{name}.md").read_text())
 
