@@ -207,20 +207,20 @@ def check_wrappable(model) -> None:
             "there) would be skipped, not made flatter. Prepare the data "
             "and callbacks it adds before calling `SAMModel(model).fit`, "
             "from a model class without the override.")
-    if not overrides(model, "train_step"):
-        return
-    raise TypeError(
-        f"'{model.name}' ({type(model).__name__}) defines its own "
-        "`train_step`, which SAMModel cannot run: SAM's step differentiates "
-        "the model's loss twice (at w and at w + e) and applies one update, "
-        "so another step's logic (several optimizers, a GAN's two players, "
-        "gradients handled by hand) would be replaced, not made flatter. If "
-        "that `train_step` computes a loss from (x, y, y_pred) and applies "
-        "it with the compiled optimizer, move the loss into an override of "
-        "`compute_loss(self, x, y, y_pred, sample_weight, training=True)` "
-        "and its logs into `compute_metrics` or `metrics`: SAMModel honours "
-        "both, as `model.fit` does. Otherwise train that model without "
-        "SAMModel.")
+    if overrides(model, "train_step"):
+        raise TypeError(
+            f"'{model.name}' ({type(model).__name__}) defines its own "
+            "`train_step`, which SAMModel cannot run: SAM's step "
+            "differentiates the model's loss twice (at w and at w + e) and "
+            "applies one update, so another step's logic (several "
+            "optimizers, a GAN's two players, gradients handled by hand) "
+            "would be replaced, not made flatter. If that `train_step` "
+            "computes a loss from (x, y, y_pred) and applies it with the "
+            "compiled optimizer, move the loss into an override of "
+            "`compute_loss(self, x, y, y_pred, sample_weight, training=True)` "
+            "and its logs into `compute_metrics` or `metrics`: SAMModel "
+            "honours both, as `model.fit` does. Otherwise train that model "
+            "without SAMModel.")
 
 
 class OwnObjective:
